@@ -1,0 +1,146 @@
+"""The bot's error tree. Each error a user can cause or meet carries the one sentence they are shown.
+
+    BotError                      base; `user_message` is safe to show on Discord
+    ├── ConfigError               a wrong config or environment; fails at start, never shown on Discord
+    ├── MediaError                an attachment could not be used
+    │   ├── HostNotAllowed        the URL (or a redirect) points off the allow-list
+    │   ├── TooLarge              announced or streamed bytes over the cap
+    │   ├── TooManyPixels         decoded size over the pixel cap (decompression bombs)
+    │   ├── UnsupportedMediaType  the bytes are not an image or video we read
+    │   ├── CorruptMedia          looks like an image but does not decode
+    │   ├── Unreachable           404/403/410, connection refused, DNS
+    │   └── DownloadTimeout       the host was too slow, after retries
+    ├── InputError                the question itself cannot be answered
+    │   ├── EmptyQuestion
+    │   └── TooManyImages
+    ├── EngineError               inference failed
+    │   ├── ModelLoadError        the model cannot be loaded (start-up only)
+    │   ├── QueueFull             too many questions waiting
+    │   ├── OutOfMemory           the GPU ran out of memory even after a retry with fewer pixels
+    │   ├── EngineStopped         the engine is shutting down
+    │   └── GenerationFailed      any other failure inside `generate`
+    └── StoreError                the database failed
+"""
+
+from __future__ import annotations
+
+
+class BotError(Exception):
+    """Base of every error the bot raises on purpose."""
+
+    user_message = "Something went wrong on my side. Please try again in a moment."
+
+    def __init__(self, detail: str = "", *, user_message: str | None = None) -> None:
+        super().__init__(detail or self.user_message)
+        if user_message is not None:
+            self.user_message = user_message
+
+
+class ConfigError(BotError):
+    """The configuration or environment is wrong; raised at start."""
+
+
+class MediaError(BotError):
+    """An attachment could not be downloaded or used."""
+
+    user_message = "I couldn't use that attachment."
+
+
+class HostNotAllowed(MediaError):
+    user_message = "I only download attachments from Discord's own servers, so I skipped that link."
+
+
+class TooLarge(MediaError):
+    user_message = "That file is too large for me to process. Please send a smaller image (under {limit})."
+
+    def __init__(self, detail: str = "", *, limit_bytes: int) -> None:
+        super().__init__(detail, user_message=self.user_message.format(limit=format_bytes(limit_bytes)))
+        self.limit_bytes = limit_bytes
+
+
+class TooManyPixels(MediaError):
+    user_message = (
+        "That image is too large to decode safely ({pixels} pixels). Please send a smaller one "
+        "(at most {limit} pixels)."
+    )
+
+    def __init__(self, detail: str = "", *, pixels: int, limit: int) -> None:
+        super().__init__(detail, user_message=self.user_message.format(pixels=f"{pixels:,}", limit=f"{limit:,}"))
+
+
+class UnsupportedMediaType(MediaError):
+    user_message = (
+        "That attachment isn't an image I can read. Please send a PNG, JPEG, WebP or GIF "
+        "(or a short MP4/WebM/MOV video)."
+    )
+
+
+class CorruptMedia(MediaError):
+    user_message = "That image looks damaged and I couldn't open it. Could you re-upload it or send another?"
+
+
+class Unreachable(MediaError):
+    user_message = (
+        "I couldn't download that attachment (the link may have expired). Please upload it again."
+    )
+
+
+class DownloadTimeout(MediaError):
+    user_message = "Downloading that attachment took too long. Please try again or send a smaller file."
+
+
+class InputError(BotError):
+    """The question cannot be answered as asked."""
+
+
+class EmptyQuestion(InputError):
+    user_message = "Please ask me something: add a question or attach an image."
+
+
+class TooManyImages(InputError):
+    user_message = "That's too many images at once: I look at up to {limit} per message. Please send fewer."
+
+    def __init__(self, detail: str = "", *, limit: int) -> None:
+        super().__init__(detail, user_message=self.user_message.format(limit=limit))
+        self.limit = limit
+
+
+class EngineError(BotError):
+    """Inference failed."""
+
+
+class ModelLoadError(EngineError):
+    """The model or processor cannot be loaded."""
+
+
+class QueueFull(EngineError):
+    user_message = "I'm answering a lot of questions right now. Please try again in a minute."
+
+
+class OutOfMemory(EngineError):
+    user_message = (
+        "I ran out of GPU memory on that one, even after shrinking the images. "
+        "Try fewer or smaller images, or /reset to shorten the conversation."
+    )
+
+
+class EngineStopped(EngineError):
+    user_message = "I'm restarting right now. Please ask again in a minute."
+
+
+class GenerationFailed(EngineError):
+    user_message = "The model failed while answering. Please try again; if it keeps failing, try /reset."
+
+
+class StoreError(BotError):
+    user_message = "I couldn't save our conversation, so I didn't answer. Please try again in a moment."
+
+
+def format_bytes(count: int) -> str:
+    """Human-readable byte count, e.g. `25 MB`."""
+    size = float(count)
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if size < 1024 or unit == "GB":
+            return f"{size:.0f} {unit}" if unit == "bytes" else f"{size:.1f} {unit}".replace(".0 ", " ")
+        size /= 1024
+    raise AssertionError("unreachable")
