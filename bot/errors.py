@@ -1,25 +1,25 @@
 """The bot's error tree. Each error a user can cause or meet carries the one sentence they are shown.
 
-    BotError                      base; `user_message` is safe to show on Discord
-    ├── ConfigError               a wrong config or environment; fails at start, never shown on Discord
-    ├── MediaError                an attachment could not be used
-    │   ├── HostNotAllowed        the URL (or a redirect) points off the allow-list
-    │   ├── TooLarge              announced or streamed bytes over the cap
-    │   ├── TooManyPixels         decoded size over the pixel cap (decompression bombs)
-    │   ├── UnsupportedMediaType  the bytes are not an image or video we read
-    │   ├── CorruptMedia          looks like an image but does not decode
-    │   ├── Unreachable           404/403/410, connection refused, DNS
-    │   └── DownloadTimeout       the host was too slow, after retries
-    ├── InputError                the question itself cannot be answered
-    │   ├── EmptyQuestion
-    │   └── TooManyImages
-    ├── EngineError               inference failed
-    │   ├── ModelLoadError        the model cannot be loaded (start-up only)
-    │   ├── QueueFull             too many questions waiting
-    │   ├── OutOfMemory           the GPU ran out of memory even after a retry with fewer pixels
-    │   ├── EngineStopped         the engine is shutting down
-    │   └── GenerationFailed      any other failure inside `generate`
-    └── StoreError                the database failed
+BotError                      base; `user_message` is safe to show on Discord
+├── ConfigError               a wrong config or environment; fails at start, never shown on Discord
+├── MediaError                an attachment could not be used
+│   ├── HostNotAllowed        the URL (or a redirect) points off the allow-list
+│   ├── TooLarge              announced or streamed bytes over the cap
+│   ├── TooManyPixels         decoded size over the pixel cap (decompression bombs)
+│   ├── UnsupportedMediaType  the bytes are not an image or video we read
+│   ├── CorruptMedia          looks like an image but does not decode
+│   ├── Unreachable           404/403/410, connection refused, DNS
+│   └── DownloadTimeout       the host was too slow, after retries
+├── InputError                the question itself cannot be answered
+│   ├── EmptyQuestion
+│   └── TooManyImages
+├── EngineError               inference failed
+│   ├── ModelLoadError        the model cannot be loaded (start-up only)
+│   ├── QueueFull             too many questions waiting
+│   ├── OutOfMemory           the GPU ran out of memory even after a retry with fewer pixels
+│   ├── EngineStopped         the engine is shutting down
+│   └── GenerationFailed      any other failure inside `generate`
+└── StoreError                the database failed
 """
 
 from __future__ import annotations
@@ -65,7 +65,9 @@ class TooManyPixels(MediaError):
     )
 
     def __init__(self, detail: str = "", *, pixels: int, limit: int) -> None:
-        super().__init__(detail, user_message=self.user_message.format(pixels=f"{pixels:,}", limit=f"{limit:,}"))
+        super().__init__(
+            detail, user_message=self.user_message.format(pixels=f"{pixels:,}", limit=f"{limit:,}")
+        )
 
 
 class UnsupportedMediaType(MediaError):
@@ -80,9 +82,7 @@ class CorruptMedia(MediaError):
 
 
 class Unreachable(MediaError):
-    user_message = (
-        "I couldn't download that attachment (the link may have expired). Please upload it again."
-    )
+    user_message = "I couldn't download that attachment (the link may have expired). Please upload it again."
 
 
 class DownloadTimeout(MediaError):

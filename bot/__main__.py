@@ -1,0 +1,165 @@
+"""Command line: `python -m bot {run,chat,db,make-tiny-model,sync-commands}`. Wiring only."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import sys
+from pathlib import Path
+
+from pydantic import SecretStr
+
+from bot.errors import BotError, ConfigError
+from bot.settings import Settings, load_settings
+
+DEFAULT_CONFIG = Path("config.toml")
+CONFIG_ENV_VAR = "BOT_CONFIG"
+
+log = logging.getLogger("bot")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bot", description="A self-hosted Discord bot that answers questions about images."
+    )
+    parser.add_argument(
+        "--config",
+        type=Path,
+        help=f"TOML config file (default: ${CONFIG_ENV_VAR} or ./{DEFAULT_CONFIG} when it exists, "
+        "else built-in defaults; see config.example.toml)",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    commands.add_parser(
+        "run", help="start the Discord bot (migrates the database, loads the model, connects)"
+    )
+
+    chat = commands.add_parser("chat", help="ask the model in the terminal, without Discord")
+    chat.add_argument(
+        "question", nargs="?", help="answer this once and exit (omit for an interactive session)"
+    )
+    chat.add_argument(
+        "--image", type=Path, action="append", default=[], help="image or video file (repeatable)"
+    )
+    chat.add_argument("--model", help="model name or local directory (overrides the config)")
+    chat.add_argument("--conversation", default="default", help="named history to use (default: %(default)s)")
+    chat.add_argument("--reset", action="store_true", help="forget that history first")
+
+    db = commands.add_parser("db", help="database maintenance")
+    db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_commands.add_parser("upgrade", help="apply Alembic migrations up to the latest schema")
+    db_commands.add_parser("purge", help="delete turns older than history.retention_days")
+
+    tiny = commands.add_parser("make-tiny-model", help="build the tiny random Qwen2.5-VL used by tests")
+    tiny.add_argument("directory", type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+
+    commands.add_parser("sync-commands", help="register the slash commands with Discord and exit")
+    return parser
+
+
+def _settings_path(given: Path | None) -> Path | None:
+    if given is not None:
+        return given
+    if os.environ.get(CONFIG_ENV_VAR):
+        return Path(os.environ[CONFIG_ENV_VAR])
+    return DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None
+
+
+def _with_model(settings: Settings, model: str | None) -> Settings:
+    if model is None:
+        return settings
+    return settings.model_copy(update={"model": settings.model.model_copy(update={"name_or_path": model})})
+
+
+async def _purge(settings: Settings) -> int:
+    from bot.store import ConversationStore, upgrade
+
+    storage = settings.storage
+    days = settings.history.retention_days
+    if days is None:
+        print("history.retention_days is not set: nothing to purge.")
+        return 0
+    await asyncio.to_thread(upgrade, storage.resolved_database_url)
+    store = ConversationStore(storage.resolved_database_url, storage.resolved_media_dir)
+    await store.open()
+    try:
+        result = await store.purge_older_than(days)
+    finally:
+        await store.close()
+    print(f"Purged {result.messages_deleted} messages and {result.media_deleted} media files.")
+    return 0
+
+
+async def _run_bot(settings: Settings, token: SecretStr) -> None:
+    from bot.app import running_service
+    from bot.discord import run_discord
+
+    async with running_service(settings) as service:
+        await run_discord(settings, token, service)
+
+
+def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "make-tiny-model":
+        from bot.engine.tiny_model import build_tiny_model
+
+        path = build_tiny_model(args.directory, seed=args.seed)
+        print(f"Tiny model written to {path}")
+        return 0
+    if args.command == "db" and args.db_command == "upgrade":
+        from bot.store import upgrade
+
+        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
+        upgrade(settings.storage.resolved_database_url)
+        print("Database is at the latest schema.")
+        return 0
+    if args.command == "db" and args.db_command == "purge":
+        return asyncio.run(_purge(settings))
+    if args.command == "chat":
+        from bot.chat import run_chat
+
+        return asyncio.run(
+            run_chat(
+                _with_model(settings, args.model),
+                question=args.question,
+                images=args.image,
+                conversation=args.conversation,
+                reset=args.reset,
+            )
+        )
+    from bot.discord import sync_commands
+    from bot.settings import discord_token
+
+    token = discord_token()
+    if args.command == "sync-commands":
+        return asyncio.run(sync_commands(settings, token))
+    asyncio.run(_run_bot(settings, token))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, load the config and run the command; return the exit status."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
+    )
+    logging.getLogger("discord.http").setLevel(logging.WARNING)
+    try:
+        settings = load_settings(_settings_path(args.config))
+        return _dispatch(args, settings)
+    except ConfigError as exc:
+        print(f"Configuration error: {exc}", file=sys.stderr)
+        return 2
+    except BotError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,260 @@
+"""One question → one answer, the same for Discord and the terminal.
+
+The flow is one way: validate the question → find (or fork) its conversation → download its media → load the
+history window → build the Qwen `messages` → generate on the engine → record the whole turn atomically.
+Failures raise `bot.errors.BotError` subclasses whose `user_message` the caller shows; nothing is stored
+unless the answer is complete.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from bot.content import ChatMessage, ConversationScope, MediaPart, StoredMedia, TextPart
+from bot.conversation import build_messages
+from bot.engine import EngineRequest, InferenceEngine
+from bot.errors import EmptyQuestion, TooManyImages
+from bot.media import MediaFetcher
+from bot.settings import Settings
+from bot.store import ConversationStats, ConversationStore, ForgetResult, PurgeResult
+
+log = logging.getLogger("bot.answering")
+
+DEFAULT_IMAGE_QUESTION = "Describe this image."
+DEFAULT_VIDEO_QUESTION = "Describe this video."
+EMPTY_ANSWER_TEXT = (
+    "(The model returned an empty answer. Try rephrasing the question, or /reset if the conversation "
+    "has gone off track.)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class AttachmentRef:
+    """An attachment to download: Discord's CDN URL and what Discord announced about it."""
+
+    url: str
+    filename: str
+    size: int | None = None
+    content_type: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ThreadOrigin:
+    """Where a thread came from: its parent channel's scope and the message it was started from."""
+
+    parent_scope: ConversationScope
+    starter_message_id: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Question:
+    """A user's question, as the Discord layer (or the CLI) hands it over."""
+
+    scope: ConversationScope
+    text: str
+    attachments: tuple[AttachmentRef, ...] = ()
+    local_files: tuple[Path, ...] = ()
+    discord_message_id: int | None = None
+    thread_origin: ThreadOrigin | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """The answer to show (never empty) and where it was recorded."""
+
+    text: str
+    assistant_message_id: int | None
+    duplicate: bool = False
+
+
+class _KeyedLocks:
+    """One asyncio lock per conversation, dropped when nobody holds or waits for it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, list[int]]] = {}
+
+    def waiting(self, key: str) -> int:
+        """How many callers hold or wait for `key`'s lock."""
+        entry = self._locks.get(key)
+        return entry[1][0] if entry else 0
+
+    @asynccontextmanager
+    async def hold(self, key: str) -> AsyncIterator[None]:
+        lock, users = self._locks.setdefault(key, (asyncio.Lock(), [0]))
+        users[0] += 1
+        try:
+            async with lock:
+                yield
+        finally:
+            users[0] -= 1
+            if users[0] == 0:
+                del self._locks[key]
+
+
+class AnswerService:
+    """Answers questions in conversations; owns no resources, only wires store, media and engine."""
+
+    def __init__(
+        self, settings: Settings, store: ConversationStore, media: MediaFetcher, engine: InferenceEngine
+    ) -> None:
+        self._settings = settings
+        self._store = store
+        self._media = media
+        self._engine = engine
+        self._conversation_locks = _KeyedLocks()
+        self._in_flight: set[tuple[str, int]] = set()
+
+    async def answer(
+        self,
+        question: Question,
+        *,
+        on_text: Callable[[str], None] | None = None,
+        on_queue_position: Callable[[int], None] | None = None,
+    ) -> Answer:
+        """Answer `question` in its conversation and record the turn; raise BotError subclasses on failure."""
+        self._validate(question)
+        in_flight_key = (question.scope.key, question.discord_message_id or 0)
+        if question.discord_message_id is not None:
+            if in_flight_key in self._in_flight:
+                return Answer(text="", assistant_message_id=None, duplicate=True)
+            self._in_flight.add(in_flight_key)
+        try:
+            return await self._answer(question, on_text, on_queue_position)
+        finally:
+            self._in_flight.discard(in_flight_key)
+
+    async def _answer(
+        self,
+        question: Question,
+        on_text: Callable[[str], None] | None,
+        on_queue_position: Callable[[int], None] | None,
+    ) -> Answer:
+        conversation_id = await self._conversation_id(question)
+        if question.discord_message_id is not None and await self._store.is_recorded(
+            conversation_id, question.discord_message_id
+        ):
+            return Answer(text="", assistant_message_id=None, duplicate=True)
+
+        media = await asyncio.gather(
+            *(self._media.store_file(path) for path in question.local_files),
+            *(self._media.fetch(ref.url, announced_size=ref.size) for ref in question.attachments),
+        )
+        user_message = _user_message(question, list(media))
+
+        key = question.scope.key
+        ahead_in_conversation = self._conversation_locks.waiting(key)
+        if ahead_in_conversation and on_queue_position is not None:
+            on_queue_position(ahead_in_conversation)
+        async with self._conversation_locks.hold(key):
+            history = await self._store.load_window(
+                conversation_id, max_messages=2 * self._settings.history.max_turns
+            )
+            messages = build_messages(
+                history,
+                user_message,
+                vision=self._settings.vision,
+                history_settings=self._settings.history,
+                generation=self._settings.generation,
+                count_text_tokens=self._engine.count_text_tokens,
+            )
+            handle = self._engine.submit(
+                EngineRequest(
+                    messages=messages,
+                    conversation_key=key,
+                    on_text=on_text,
+                    on_queue_position=on_queue_position,
+                )
+            )
+            try:
+                result = await handle.result()
+            except asyncio.CancelledError:
+                handle.cancel()
+                raise
+            recorded = await self._store.record_turn(
+                conversation_id,
+                user_message,
+                result.text,
+                question_discord_id=question.discord_message_id,
+            )
+        log.info(
+            "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
+            key,
+            result.prompt_tokens,
+            len(result.token_ids),
+            result.queue_seconds,
+            result.generate_seconds,
+        )
+        return Answer(
+            text=result.text.strip() or EMPTY_ANSWER_TEXT,
+            assistant_message_id=recorded.assistant_message_id,
+            duplicate=recorded.duplicate,
+        )
+
+    def _validate(self, question: Question) -> None:
+        media_count = len(question.attachments) + len(question.local_files)
+        if not question.text.strip() and media_count == 0:
+            raise EmptyQuestion()
+        limit = self._settings.vision.max_images_per_message
+        if media_count > limit:
+            raise TooManyImages(f"{media_count} attachments", limit=limit)
+
+    async def _conversation_id(self, question: Question) -> int:
+        existing = await self._store.find_conversation(question.scope)
+        if existing is not None:
+            return existing
+        origin = question.thread_origin
+        if origin is not None:
+            parent = await self._store.find_conversation(origin.parent_scope)
+            if parent is not None:
+                return await self._store.fork_thread(
+                    parent,
+                    origin.starter_message_id,
+                    question.scope,
+                    max_messages=2 * self._settings.history.max_turns,
+                )
+        return await self._store.conversation_for(question.scope)
+
+    async def attach_reply(self, answer: Answer, discord_message_id: int) -> None:
+        """Remember which Discord message carries `answer`, so threads started from it find their context."""
+        if answer.assistant_message_id is not None:
+            await self._store.set_answer_discord_id(answer.assistant_message_id, discord_message_id)
+
+    async def reset(self, scope: ConversationScope) -> ForgetResult:
+        """Forget the conversation of `scope` (its messages and media no one else uses)."""
+        conversation_id = await self._store.find_conversation(scope)
+        if conversation_id is None:
+            return ForgetResult(messages_deleted=0, media_deleted=0)
+        return await self._store.forget(conversation_id)
+
+    async def stats(self, scope: ConversationScope) -> ConversationStats:
+        """How many turns and images the conversation of `scope` holds."""
+        conversation_id = await self._store.find_conversation(scope)
+        if conversation_id is None:
+            return ConversationStats(turns=0, images=0)
+        return await self._store.stats(conversation_id)
+
+    async def has_conversation(self, scope: ConversationScope) -> bool:
+        """Whether the bot already talks in `scope` (used for threads answered without a mention)."""
+        return await self._store.find_conversation(scope) is not None
+
+    async def purge_expired(self) -> PurgeResult | None:
+        """Delete turns older than the configured retention; None when retention is off."""
+        days = self._settings.history.retention_days
+        if days is None:
+            return None
+        return await self._store.purge_older_than(days)
+
+
+def _user_message(question: Question, media: list[StoredMedia]) -> ChatMessage:
+    text = question.text.strip()
+    if not text:
+        only_video = all(item.kind == "video" for item in media)
+        text = DEFAULT_VIDEO_QUESTION if only_video else DEFAULT_IMAGE_QUESTION
+    parts: list[MediaPart | TextPart] = [MediaPart(item) for item in media]
+    parts.append(TextPart(text))
+    return ChatMessage(role="user", parts=tuple(parts))
