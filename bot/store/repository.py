@@ -1,0 +1,168 @@
+"""`ConversationStore`: the async face of the conversation database.
+
+Every call runs on one dedicated thread (a single-worker executor) with a sync session, so the event loop
+never waits on disk and SQLite writes are serialized. Methods return plain data from `bot.content` or
+`bot.store.results`.
+Database failures come out as `StoreError`; an unknown conversation id as `LookupError`.
+`open()` does not migrate: run `bot.store.database.upgrade` first.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import TracebackType
+from typing import Self, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from bot.content import ChatMessage, ConversationScope
+from bot.errors import StoreError
+from bot.store.database import create_engine_for
+from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
+from bot.store.sync_store import SyncStore
+
+T = TypeVar("T")
+
+
+class ConversationStore:
+    """Conversations, their messages and media, behind an async API."""
+
+    def __init__(self, database_url: str, media_dir: Path, *, busy_timeout_ms: int = 5000) -> None:
+        self._database_url = database_url
+        self._media_dir = Path(media_dir)
+        self._busy_timeout_ms = busy_timeout_ms
+        self._executor: ThreadPoolExecutor | None = None
+        self._engine: Engine | None = None
+        self._store: SyncStore | None = None
+
+    async def open(self) -> None:
+        """Start the database thread and connect (idempotent). The schema must already be migrated."""
+        if self._executor is not None:
+            return
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="conversation-store")
+        try:
+            self._engine = await self._call(
+                functools.partial(
+                    create_engine_for, self._database_url, busy_timeout_ms=self._busy_timeout_ms
+                )
+            )
+        except BaseException:
+            self._executor.shutdown(wait=False)
+            self._executor = None
+            raise
+        self._store = SyncStore(self._engine, self._media_dir)
+
+    async def close(self) -> None:
+        """Close the connections and stop the database thread (idempotent)."""
+        if self._executor is None:
+            return
+        try:
+            if self._engine is not None:
+                await self._call(self._engine.dispose)
+        finally:
+            self._executor.shutdown(wait=False)  # nothing is queued behind the dispose that just finished
+            self._executor = None
+            self._engine = None
+            self._store = None
+
+    async def __aenter__(self) -> Self:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def conversation_for(self, scope: ConversationScope) -> int:
+        """The id of the scope's conversation, created on first use."""
+        return await self._run(lambda store: store.conversation_for(scope))
+
+    async def find_conversation(self, scope: ConversationScope) -> int | None:
+        """The id of the scope's conversation, or None when it has none yet."""
+        return await self._run(lambda store: store.find_conversation(scope))
+
+    async def is_recorded(self, conversation_id: int, discord_message_id: int) -> bool:
+        """Whether a message with this Discord id is stored in the conversation."""
+        return await self._run(lambda store: store.is_recorded(conversation_id, discord_message_id))
+
+    async def find_message_conversation(self, discord_message_id: int) -> int | None:
+        """The conversation that stores this Discord message (the oldest one, if several), or None."""
+        return await self._run(lambda store: store.find_message_conversation(discord_message_id))
+
+    async def record_turn(
+        self,
+        conversation_id: int,
+        question: ChatMessage,
+        answer_text: str,
+        *,
+        question_discord_id: int | None,
+        answer_discord_id: int | None = None,
+    ) -> RecordedTurn:
+        """Store a question, its media and its answer in one transaction; a repeated question adds nothing."""
+        return await self._run(
+            lambda store: store.record_turn(
+                conversation_id, question, answer_text, question_discord_id, answer_discord_id
+            )
+        )
+
+    async def set_answer_discord_id(self, assistant_message_id: int, discord_message_id: int) -> bool:
+        """Attach the Discord id of a sent answer; False when the message is gone (forgotten meanwhile)."""
+        return await self._run(
+            lambda store: store.set_answer_discord_id(assistant_message_id, discord_message_id)
+        )
+
+    async def load_window(self, conversation_id: int, max_messages: int) -> list[ChatMessage]:
+        """The newest whole turns, at most `max_messages` messages, oldest first (O(window))."""
+        return await self._run(lambda store: store.load_window(conversation_id, max_messages))
+
+    async def fork_thread(
+        self,
+        parent_conversation_id: int,
+        from_discord_message_id: int | None,
+        thread_scope: ConversationScope,
+        *,
+        max_messages: int,
+    ) -> int:
+        """The thread's conversation, created as a copy of the parent's history up to the forking turn.
+
+        The copy ends with the turn holding `from_discord_message_id` (the whole history when None or not
+        found) and keeps at most `max_messages` of the newest whole turns. An existing thread is returned
+        untouched.
+        """
+        return await self._run(
+            lambda store: store.fork_thread(
+                parent_conversation_id, from_discord_message_id, thread_scope, max_messages
+            )
+        )
+
+    async def forget(self, conversation_id: int) -> ForgetResult:
+        """Delete the conversation's messages, then media files nothing else uses; the scope stays usable."""
+        return await self._run(lambda store: store.forget(conversation_id))
+
+    async def purge_older_than(self, days: int) -> PurgeResult:
+        """Delete turns older than `days` days in every conversation, and media nothing uses anymore."""
+        return await self._run(lambda store: store.purge_older_than(days))
+
+    async def stats(self, conversation_id: int) -> ConversationStats:
+        """How many turns, images and videos the conversation holds."""
+        return await self._run(lambda store: store.stats(conversation_id))
+
+    async def _run(self, operation: Callable[[SyncStore], T]) -> T:
+        if self._store is None:
+            raise RuntimeError("the conversation store is not open")
+        return await self._call(functools.partial(operation, self._store))
+
+    async def _call(self, function: Callable[[], T]) -> T:
+        if self._executor is None:
+            raise RuntimeError("the conversation store is not open")
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, function)
+        except SQLAlchemyError as exc:
+            raise StoreError(f"database operation failed: {exc}") from exc

@@ -1,0 +1,39 @@
+"""Small plain results of store operations (never ORM objects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedTurn:
+    """The ids of a recorded question and its answer; `duplicate` when the question was already stored."""
+
+    user_message_id: int
+    assistant_message_id: int
+    duplicate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ForgetResult:
+    """What `forget` deleted: the conversation's messages and the media files nothing references anymore."""
+
+    messages_deleted: int
+    media_deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class PurgeResult:
+    """What the retention purge deleted, across all conversations."""
+
+    messages_deleted: int
+    media_deleted: int
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationStats:
+    """Whole turns stored in a conversation, and the images and videos its questions carried."""
+
+    turns: int
+    images: int
+    videos: int = 0
