@@ -1,0 +1,103 @@
+"""`MediaFetcher`: the one entry point that turns a URL, bytes or a local file into `StoredMedia`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+import aiohttp
+
+from bot.content import StoredMedia
+from bot.errors import TooLarge, Unreachable, UnsupportedMediaType
+from bot.media.decode import normalize_image, probe_video
+from bot.media.download import byte_cap, download
+from bot.media.sniff import PNG, SNIFF_BYTES, MediaType, sniff
+from bot.media.storage import store_content_addressed
+from bot.settings import MediaSettings
+
+log = logging.getLogger("bot.media")
+
+
+class MediaFetcher:
+    """Downloads, validates, normalises and stores attachments under `media_dir`.
+
+    Images become RGB PNGs (EXIF-oriented, first frame), videos keep their bytes; both are stored by the
+    SHA-256 of the stored bytes, so the same picture posted twice is one file. All decoding and disk work
+    runs in worker threads. Failures are the `MediaError` subclasses of `bot.errors`.
+    """
+
+    def __init__(
+        self, settings: MediaSettings, media_dir: Path, *, session: aiohttp.ClientSession | None = None
+    ) -> None:
+        self._settings = settings
+        self._media_dir = media_dir.resolve()
+        self._session = session
+        self._owns_session = session is None
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the HTTP session if this fetcher created it."""
+        if self._owns_session and self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def fetch(self, url: str, *, announced_size: int | None = None) -> StoredMedia:
+        """Download `url` (an allow-listed http(s) URL) and store it; `announced_size` is checked first."""
+        downloaded = await download(self._http(), url, self._settings, announced_size=announced_size)
+        return await self._store(downloaded.data, downloaded.media_type)
+
+    async def store_bytes(self, data: bytes) -> StoredMedia:
+        """Validate and store media already in memory, under the same caps as a download."""
+        media_type = sniff(data[:SNIFF_BYTES])
+        if media_type is None:
+            raise UnsupportedMediaType("the bytes are not an accepted media type")
+        cap = byte_cap(self._settings, media_type)
+        if len(data) > cap:
+            raise TooLarge(f"{len(data)} bytes over {cap}", limit_bytes=cap)
+        return await self._store(data, media_type)
+
+    async def store_file(self, path: Path) -> StoredMedia:
+        """Validate and store a local file; its size is checked before it is read."""
+        cap = byte_cap(self._settings, None)
+        try:
+            size = await asyncio.to_thread(lambda: path.stat().st_size)
+            if size > cap:
+                raise TooLarge(f"{path} has {size} bytes, over {cap}", limit_bytes=cap)
+            data = await asyncio.to_thread(path.read_bytes)
+        except OSError as exc:
+            raise Unreachable(f"cannot read {path}: {exc}", user_message=f"I couldn't read {path}.") from None
+        return await self.store_bytes(data)
+
+    def _http(self) -> aiohttp.ClientSession:
+        # Created on first use, inside the running loop, and reused for every download.
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _store(self, data: bytes, media_type: MediaType) -> StoredMedia:
+        if media_type.kind == "image":
+            stored = await asyncio.to_thread(self._store_image, data, media_type)
+        else:
+            stored = await asyncio.to_thread(self._store_video, data, media_type)
+        log.debug("stored %s %s (%d bytes)", stored.kind, stored.sha256, stored.byte_size)
+        return stored
+
+    def _store_image(self, data: bytes, media_type: MediaType) -> StoredMedia:
+        image = normalize_image(data, media_type, self._settings.max_pixels)
+        digest, path = store_content_addressed(self._media_dir, image.png, PNG.extension)
+        return StoredMedia(digest, path, PNG.mime_type, image.width, image.height, len(image.png), "image")
+
+    def _store_video(self, data: bytes, media_type: MediaType) -> StoredMedia:
+        width, height = probe_video(data, self._settings.max_pixels)
+        digest, path = store_content_addressed(self._media_dir, data, media_type.extension)
+        return StoredMedia(digest, path, media_type.mime_type, width, height, len(data), "video")
