@@ -170,7 +170,7 @@ class SyncStore:
                 .order_by(Message.position.desc())
                 .limit(max_messages)
             )
-            rows = _whole_turns(list(reversed(session.execute(query).tuples().all())))
+            rows = _whole_turns(list(reversed(session.execute(query).all())))
             hashes = set().union(*(media_hashes(content) for _, content in rows))
             media = self._media_by_hash(session, hashes)
         return [ChatMessage(role, decode_parts(content, media)) for role, content in rows]  # type: ignore[arg-type]
@@ -216,7 +216,7 @@ class SyncStore:
                 .join(Media, Media.id == MessageMedia.media_id)
                 .where(Message.conversation_id == conversation_id)
                 .group_by(Media.kind)
-            ).tuples()
+            )
             counts = dict(kinds.all())
         return ConversationStats(
             turns=turns or 0, images=counts.get("image", 0), videos=counts.get("video", 0)
@@ -230,7 +230,7 @@ class SyncStore:
         if not unique:
             return []
         known = select(Media.sha256, Media.id).where(Media.sha256.in_(unique))
-        ids = dict(session.execute(known).tuples().all())
+        ids = dict(session.execute(known).all())
         for sha256, item in unique.items():
             if sha256 not in ids:
                 row = Media(
@@ -384,7 +384,7 @@ def _copy_messages(session: Session, source_id: int, target_id: int, end: int | 
     copy_of = {message.id: copy.id for (_, message), copy in zip(sources, copies, strict=True)}
     links = session.execute(
         select(MessageMedia.message_id, MessageMedia.media_id).where(MessageMedia.message_id.in_(copy_of))
-    ).tuples()
+    )
     rows = [{"message_id": copy_of[message_id], "media_id": media_id} for message_id, media_id in links]
     if rows:
         session.execute(insert(MessageMedia), rows)
@@ -397,7 +397,7 @@ def _delete_orphan_media(session: Session, among: set[int] | None) -> list[str]:
         if not among:
             return []
         query = query.where(Media.id.in_(among))
-    orphans = session.execute(query).tuples().all()
+    orphans = session.execute(query).all()
     for start in range(0, len(orphans), _CHUNK):
         chunk = [media_id for media_id, _ in orphans[start : start + _CHUNK]]
         session.execute(delete(Media).where(Media.id.in_(chunk)))

@@ -1,0 +1,110 @@
+"""Migrations create the schema, match the models, and SQLite connections get WAL, busy timeout and FKs."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+
+from bot.store import upgrade
+from bot.store.database import alembic_config, create_engine_for
+from bot.store.models import Base
+
+TABLES = {"alembic_version", "conversations", "messages", "media", "message_media"}
+
+
+def test_upgrade_from_empty_creates_the_schema(database_url: str, tmp_path: Path) -> None:
+    upgrade(database_url)
+
+    assert (tmp_path / "data" / "bot.sqlite3").is_file()  # the parent folder was created too
+    engine = create_engine_for(database_url)
+    try:
+        schema = inspect(engine)
+        assert set(schema.get_table_names()) == TABLES
+        columns = {column["name"] for column in schema.get_columns("messages")}
+        assert columns == {
+            "id",
+            "conversation_id",
+            "position",
+            "role",
+            "content",
+            "discord_message_id",
+            "created_at",
+        }
+        uniques = {tuple(u["column_names"]) for u in schema.get_unique_constraints("messages")}
+        assert uniques == {("conversation_id", "position"), ("conversation_id", "discord_message_id")}
+        assert {tuple(u["column_names"]) for u in schema.get_unique_constraints("media")} == {("sha256",)}
+        assert {tuple(u["column_names"]) for u in schema.get_unique_constraints("conversations")} == {
+            ("scope_key",)
+        }
+        link_indexes = {tuple(i["column_names"]) for i in schema.get_indexes("message_media")}
+        assert ("media_id",) in link_indexes
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+    finally:
+        engine.dispose()
+
+
+def test_second_upgrade_is_a_no_op(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_engine_for(database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO conversations (scope_key, platform, channel_id, created_at, updated_at) "
+                    "VALUES ('cli:0:1:1', 'cli', 1, '2024-01-01 00:00:00', '2024-01-01 00:00:00')"
+                )
+            )
+        upgrade(database_url)
+        with engine.connect() as connection:
+            assert connection.execute(text("SELECT scope_key FROM conversations")).scalars().all() == [
+                "cli:0:1:1"
+            ]
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
+                "0001"
+            ]
+    finally:
+        engine.dispose()
+
+
+def test_models_match_the_migrations(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            context = MigrationContext.configure(connection, opts={"compare_type": True})
+            assert compare_metadata(context, Base.metadata) == []
+    finally:
+        engine.dispose()
+
+
+def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(database_url: str) -> None:
+    engine = create_engine_for(database_url, busy_timeout_ms=1234)
+    try:
+        with engine.connect() as connection:
+            assert connection.exec_driver_sql("PRAGMA journal_mode").scalar_one() == "wal"
+            assert connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 1234
+            assert connection.exec_driver_sql("PRAGMA foreign_keys").scalar_one() == 1
+    finally:
+        engine.dispose()
+
+
+def test_migration_renders_for_postgresql() -> None:
+    buffer = io.StringIO()
+    config = Config(output_buffer=buffer)
+    config.set_main_option("script_location", alembic_config().get_main_option("script_location") or "")
+    config.set_main_option("sqlalchemy.url", "postgresql://bot@127.0.0.1/bot")
+
+    command.upgrade(config, "head", sql=True)  # offline: renders the DDL without connecting
+
+    ddl = buffer.getvalue()
+    assert "CREATE TABLE messages" in ddl
+    assert "content JSON NOT NULL" in ddl
+    assert "discord_message_id BIGINT" in ddl
+    assert "created_at TIMESTAMP WITH TIME ZONE NOT NULL" in ddl

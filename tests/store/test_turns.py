@@ -1,0 +1,213 @@
+"""Conversations, recording turns (atomic, once per Discord id) and loading the window."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+from sqlalchemy import func, select
+
+from bot.content import ChatMessage, MediaPart, TextPart
+from bot.errors import StoreError
+from bot.store import ConversationStore, RecordedTurn
+from bot.store import sync_store as sync_store_module
+from bot.store.database import create_engine_for
+from bot.store.models import Conversation, Media, Message, MessageMedia
+from tests.store.factories import question, scope, write_media
+
+
+def count_rows(database_url: str, model: type) -> int:
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(model)).scalar_one()
+    finally:
+        engine.dispose()
+
+
+async def record(store: ConversationStore, conversation_id: int, n: int, *, discord_id: int | None = None):
+    return await store.record_turn(
+        conversation_id, question(f"q{n}"), f"a{n}", question_discord_id=discord_id or 1000 + n
+    )
+
+
+async def test_conversation_for_gets_or_creates_one_per_scope(store: ConversationStore) -> None:
+    assert await store.find_conversation(scope(1)) is None
+
+    first = await store.conversation_for(scope(1))
+
+    assert await store.conversation_for(scope(1)) == first
+    assert await store.find_conversation(scope(1)) == first
+    assert await store.conversation_for(scope(1, thread_id=5)) != first
+
+
+async def test_conversation_for_survives_a_concurrent_creator(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    existing = await store.conversation_for(scope(1))
+    real_lookup = sync_store_module._conversation_id
+    calls: list[str] = []
+
+    def lookup_misses_once(session, key):  # another process inserts between our lookup and our insert
+        calls.append(key)
+        return None if len(calls) == 1 else real_lookup(session, key)
+
+    monkeypatch.setattr(sync_store_module, "_conversation_id", lookup_misses_once)
+
+    assert await store.conversation_for(scope(1)) == existing
+    assert len(calls) == 2
+
+
+async def test_work_runs_on_the_store_thread(
+    store: ConversationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    threads: list[str] = []
+    real_lookup = sync_store_module._conversation_id
+
+    def spy(session, key):
+        threads.append(threading.current_thread().name)
+        return real_lookup(session, key)
+
+    monkeypatch.setattr(sync_store_module, "_conversation_id", spy)
+    await store.conversation_for(scope(1))
+    await store.find_conversation(scope(2))
+
+    assert len(threads) == 2
+    assert all(name.startswith("conversation-store") for name in threads)
+    assert threading.current_thread().name not in threads
+
+
+async def test_record_turn_stores_question_media_and_answer(
+    store: ConversationStore, database_url: str, media_dir: Path
+) -> None:
+    conversation = await store.conversation_for(scope(1))
+    image = write_media(media_dir, 1)
+
+    turn = await store.record_turn(
+        conversation, question("what is this?", image, image), "a square", question_discord_id=11
+    )
+
+    assert turn == RecordedTurn(turn.user_message_id, turn.assistant_message_id, duplicate=False)
+    assert turn.assistant_message_id != turn.user_message_id
+    assert await store.is_recorded(conversation, 11)
+    assert not await store.is_recorded(conversation, 12)
+    assert count_rows(database_url, Media) == 1  # one row per file, however often it appears
+    assert count_rows(database_url, MessageMedia) == 1
+    window = await store.load_window(conversation, 10)
+    assert window == [
+        ChatMessage("user", (MediaPart(image), MediaPart(image), TextPart("what is this?"))),
+        ChatMessage("assistant", (TextPart("a square"),)),
+    ]
+
+
+async def test_same_question_id_is_recorded_once(store: ConversationStore, database_url: str) -> None:
+    conversation = await store.conversation_for(scope(1))
+    first = await store.record_turn(conversation, question("hi"), "hello", question_discord_id=42)
+
+    again = await store.record_turn(conversation, question("hi"), "hello again", question_discord_id=42)
+
+    assert again == RecordedTurn(first.user_message_id, first.assistant_message_id, duplicate=True)
+    assert count_rows(database_url, Message) == 2
+    assert [m.text for m in await store.load_window(conversation, 10)] == ["hi", "hello"]
+
+
+async def test_same_question_id_in_another_conversation_is_a_new_turn(store: ConversationStore) -> None:
+    one = await store.conversation_for(scope(1))
+    two = await store.conversation_for(scope(2))
+    await store.record_turn(one, question("hi"), "hello", question_discord_id=42)
+
+    turn = await store.record_turn(two, question("hi"), "hello", question_discord_id=42)
+
+    assert not turn.duplicate
+
+
+async def test_failed_turn_writes_nothing(
+    store: ConversationStore, database_url: str, media_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conversation = await store.conversation_for(scope(1))
+
+    def fail_after_the_inserts(session, message_id, media_ids):
+        assert session.scalar(select(func.count()).select_from(Message)) == 2  # the messages were flushed
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(sync_store_module, "_link_media", fail_after_the_inserts)
+
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        await store.record_turn(
+            conversation, question("q", write_media(media_dir, 1)), "a", question_discord_id=5
+        )
+
+    assert count_rows(database_url, Message) == 0
+    assert count_rows(database_url, Media) == 0
+    assert count_rows(database_url, MessageMedia) == 0
+    assert not await store.is_recorded(conversation, 5)
+
+
+async def test_database_errors_become_store_errors(database_url: str, media_dir: Path) -> None:
+    async with ConversationStore(database_url, media_dir) as unmigrated:
+        with pytest.raises(StoreError):
+            await unmigrated.conversation_for(scope(1))
+
+
+async def test_set_answer_discord_id(store: ConversationStore) -> None:
+    conversation = await store.conversation_for(scope(1))
+    turn = await record(store, conversation, 1)
+
+    assert await store.set_answer_discord_id(turn.assistant_message_id, 777)
+    assert not await store.set_answer_discord_id(turn.user_message_id, 778)  # only answers get one
+    assert not await store.set_answer_discord_id(999_999, 779)
+
+    assert await store.is_recorded(conversation, 777)
+    assert await store.find_message_conversation(777) == conversation
+    assert await store.find_message_conversation(778) is None
+
+
+async def test_window_holds_the_newest_whole_turns_oldest_first(store: ConversationStore) -> None:
+    conversation = await store.conversation_for(scope(1))
+    for n in range(5):
+        await record(store, conversation, n)
+
+    assert [m.text for m in await store.load_window(conversation, 4)] == ["q3", "a3", "q4", "a4"]
+    # An odd limit never starts the window with an orphan answer.
+    assert [m.text for m in await store.load_window(conversation, 5)] == ["q3", "a3", "q4", "a4"]
+    assert [m.role for m in await store.load_window(conversation, 100)] == ["user", "assistant"] * 5
+    assert await store.load_window(conversation, 1) == []
+    assert await store.load_window(conversation, 0) == []
+
+
+async def test_window_brings_media_back_with_absolute_paths(
+    store: ConversationStore, media_dir: Path
+) -> None:
+    conversation = await store.conversation_for(scope(1))
+    image, video = write_media(media_dir, 1), write_media(media_dir, 2, kind="video")
+    await store.record_turn(conversation, question("two", image, video), "ok", question_discord_id=1)
+
+    [asked, _] = await store.load_window(conversation, 2)
+
+    assert asked.media == (image, video)
+    assert all(item.path.is_absolute() and item.path.is_file() for item in asked.media)
+    assert asked.media[1].kind == "video"
+
+
+async def test_answers_are_stored_as_one_text_part(store: ConversationStore) -> None:
+    conversation = await store.conversation_for(scope(1))
+    await store.record_turn(conversation, question("q"), "line one\nline two", question_discord_id=None)
+
+    [_, answer] = await store.load_window(conversation, 2)
+
+    assert answer == ChatMessage("assistant", (TextPart("line one\nline two"),))
+
+
+async def test_record_turn_bumps_updated_at(store: ConversationStore, database_url: str) -> None:
+    conversation = await store.conversation_for(scope(1))
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            before = connection.execute(select(Conversation.updated_at)).scalar_one()
+        await record(store, conversation, 1)
+        with engine.connect() as connection:
+            after = connection.execute(select(Conversation.updated_at)).scalar_one()
+    finally:
+        engine.dispose()
+    assert after > before
