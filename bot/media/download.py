@@ -98,7 +98,7 @@ async def download(
         except _RetryableStatus as exc:
             failure = Unreachable(f"{redact(target)} answered HTTP {exc}")
         except aiohttp.ClientError as exc:  # refused, reset, disconnected, broken body
-            failure = Unreachable(f"{redact(target)} failed: {exc.__class__.__name__}: {exc}")
+            failure = Unreachable(f"{redact(target)} failed: {_describe(exc)}")
         if attempt < settings.retries:
             delay = settings.retry_backoff_seconds * 2**attempt
             log.warning("%s; retry %d of %d in %.2fs", failure, attempt + 1, settings.retries, delay)
@@ -153,6 +153,12 @@ async def _read_body(response: aiohttp.ClientResponse, url: URL, settings: Media
         _check_size(len(body), byte_cap(settings, media_type), url, "streamed bytes")
     log.debug("downloaded %s: %d bytes of %s", redact(url), len(body), media_type.name)
     return Downloaded(bytes(body), media_type)
+
+
+def _describe(exc: aiohttp.ClientError) -> str:
+    """The error's type and OS cause; never its text, which can carry the URL with its signed query."""
+    cause = getattr(exc, "os_error", None)
+    return f"{type(exc).__name__} ({cause})" if cause is not None else type(exc).__name__
 
 
 def _sniff_or_refuse(head: bytes, url: URL) -> MediaType:

@@ -8,6 +8,7 @@ import socket
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp import web
 from yarl import URL
@@ -258,16 +259,18 @@ async def test_slow_host_times_out_after_the_retries(
 
 
 async def test_connection_refused_is_unreachable(
-    fetcher: MediaFetcher, media_settings: MediaSettings
+    fetcher: MediaFetcher, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.DEBUG, logger="bot.media")
     with socket.socket() as probe:  # a port that was free a moment ago, with nobody listening
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     started = time.monotonic()
     with pytest.raises(Unreachable) as caught:
-        await fetcher.fetch(f"http://127.0.0.1:{port}/x.png")
+        await fetcher.fetch(f"http://127.0.0.1:{port}/x.png?hm=secret-signature")
     assert time.monotonic() - started < 2.0
     assert_user_facing(caught.value)
+    assert "Connect" in str(caught.value) and "secret-signature" not in str(caught.value) + caplog.text
 
 
 async def test_own_session_is_shared_and_closed(
@@ -290,3 +293,20 @@ async def test_logs_never_show_the_query_string(
     assert "/missing.png" in caplog.text
     assert "secret-signature" not in caplog.text
     assert "secret-signature" not in str(caught.value)
+
+
+async def test_given_session_is_left_open(
+    media_server: MediaServer, tmp_path: Path, media_settings: MediaSettings
+) -> None:
+    url = media_server.serve_bytes("/a.png", PNG_BYTES)
+    async with aiohttp.ClientSession() as session:
+        async with MediaFetcher(media_settings, tmp_path, session=session) as fetcher:
+            await fetcher.fetch(url)
+        assert not session.closed
+
+
+async def test_concurrent_downloads_of_one_picture(media_server: MediaServer, fetcher: MediaFetcher) -> None:
+    url = media_server.serve_bytes("/a.png", PNG_BYTES)
+    results = await asyncio.gather(*(fetcher.fetch(url) for _ in range(4)))
+    assert len(set(results)) == 1 and results[0].path.is_file()
+    assert not list(results[0].path.parent.glob(".incoming-*"))  # no temporary file left behind
