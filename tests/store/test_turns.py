@@ -6,7 +6,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Engine, event, func, select
 
 from bot.content import ChatMessage, MediaPart, TextPart
 from bot.errors import StoreError
@@ -211,3 +211,33 @@ async def test_record_turn_bumps_updated_at(store: ConversationStore, database_u
     finally:
         engine.dispose()
     assert after > before
+
+
+async def test_window_query_walks_the_position_index(store: ConversationStore, database_url: str) -> None:
+    conversation = await store.conversation_for(scope(1))
+    await record(store, conversation, 1)
+    statements: list[tuple[str, object]] = []
+
+    def capture(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
+        if "FROM messages" in statement and "ORDER BY messages.position DESC" in statement:
+            statements.append((statement, parameters))
+
+    event.listen(Engine, "before_cursor_execute", capture)
+    try:
+        await store.load_window(conversation, 40)
+    finally:
+        event.remove(Engine, "before_cursor_execute", capture)
+
+    [(statement, parameters)] = statements  # one query for the messages, whatever the history
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            plan = " ".join(
+                row[-1] for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {statement}", parameters)
+            )
+    finally:
+        engine.dispose()
+    # SQLite names the unique constraint's index itself: it must seek the conversation and read positions in
+    # order, never sort the whole history.
+    assert plan.startswith("SEARCH messages USING INDEX") and "(conversation_id=?)" in plan
+    assert "TEMP B-TREE" not in plan
