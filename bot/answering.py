@@ -190,7 +190,7 @@ class AnswerService:
             result.generate_seconds,
         )
         return Answer(
-            text=result.text.strip() or EMPTY_ANSWER_TEXT,
+            text=display_text(result.text),
             assistant_message_id=recorded.assistant_message_id,
             duplicate=recorded.duplicate,
         )
@@ -248,6 +248,11 @@ class AnswerService:
         if days is None:
             return None
         return await self._store.purge_older_than(days)
+
+
+def display_text(model_output: str) -> str:
+    """What to show for a model's answer: Discord rejects empty messages, so say what happened."""
+    return model_output.strip() or EMPTY_ANSWER_TEXT
 
 
 def _user_message(question: Question, media: list[StoredMedia]) -> ChatMessage:

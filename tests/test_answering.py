@@ -1,0 +1,187 @@
+"""The answering service end to end on the real stack: SQLite store, media checks, tiny Qwen2.5-VL engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.answering import EMPTY_ANSWER_TEXT, AnswerService, Question, ThreadOrigin, display_text
+from bot.app import running_service
+from bot.content import ConversationScope
+from bot.engine import EngineRequest
+from bot.errors import EmptyQuestion, EngineStopped, TooManyImages, UnsupportedMediaType
+from bot.settings import Settings, parse_settings
+
+CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=10)
+OTHER_CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=20)
+THREAD = ConversationScope(platform="discord", guild_id=1, channel_id=10, thread_id=555)
+
+
+def make_settings(model_dir: Path, data_dir: Path) -> Settings:
+    """Settings for the tiny model on CPU, greedy and short, with storage under `data_dir`."""
+    return parse_settings(
+        {
+            "model": {
+                "name_or_path": str(model_dir),
+                "device_map": "cpu",
+                "dtype": "float32",
+                "local_files_only": True,
+            },
+            "vision": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_images_per_message": 2},
+            "generation": {"max_new_tokens": 6, "do_sample": False},
+            "storage": {"data_dir": str(data_dir)},
+            "engine": {"batch_wait_ms": 1.0},
+        }
+    )
+
+
+@pytest.fixture
+async def service(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[AnswerService]:
+    async with running_service(make_settings(tiny_model_dir, tmp_path / "data")) as answering:
+        yield answering
+
+
+@pytest.fixture
+def photo(tmp_path: Path) -> Path:
+    path = tmp_path / "photo.jpg"
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(path)
+    return path
+
+
+class SubmittedMessages:
+    """Records the `messages` each request carried, while the real engine answers it."""
+
+    def __init__(self, service: AnswerService, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.seen: list[list[dict]] = []
+        engine = service._engine
+        submit = engine.submit
+
+        def recording_submit(request: EngineRequest):
+            self.seen.append(request.messages)
+            return submit(request)
+
+        monkeypatch.setattr(engine, "submit", recording_submit)
+
+
+def _image_parts(messages: list[dict]) -> list[str]:
+    return [part["image"] for message in messages for part in message["content"] if part["type"] == "image"]
+
+
+async def test_follow_up_without_image_still_sees_the_image(
+    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SubmittedMessages(service, monkeypatch)
+    first = await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
+    second = await service.answer(Question(scope=CHANNEL, text="and the colour?"))
+    assert first.text and second.text and not first.duplicate
+    assert first.assistant_message_id is not None and second.assistant_message_id is not None
+    assert len(_image_parts(spy.seen[1])) == 1
+    assert [message["role"] for message in spy.seen[1]] == ["system", "user", "assistant", "user"]
+    # The stored answer is a plain string, never the decoded list the seed appended.
+    assert isinstance(spy.seen[1][2]["content"][0]["text"], str)
+    assert not spy.seen[1][2]["content"][0]["text"].startswith("[")
+    stats = await service.stats(CHANNEL)
+    assert (stats.turns, stats.images) == (2, 1)
+
+
+async def test_bare_image_gets_the_default_question(
+    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SubmittedMessages(service, monkeypatch)
+    await service.answer(Question(scope=CHANNEL, text="  ", local_files=(photo,)))
+    assert spy.seen[0][-1]["content"][-1] == {"type": "text", "text": "Describe this image."}
+
+
+async def test_channels_never_share_history(service: AnswerService, photo: Path) -> None:
+    await service.answer(Question(scope=CHANNEL, text="secret", local_files=(photo,)))
+    await service.answer(Question(scope=OTHER_CHANNEL, text="hello"))
+    assert (await service.stats(CHANNEL)).turns == 1
+    other = await service.stats(OTHER_CHANNEL)
+    assert (other.turns, other.images) == (1, 0)
+
+
+async def test_empty_question_and_too_many_images_store_nothing(service: AnswerService, photo: Path) -> None:
+    with pytest.raises(EmptyQuestion) as empty:
+        await service.answer(Question(scope=CHANNEL, text="   "))
+    assert "ask me something" in empty.value.user_message
+    with pytest.raises(TooManyImages) as too_many:
+        await service.answer(Question(scope=CHANNEL, text="all", local_files=(photo, photo, photo)))
+    assert "up to 2" in too_many.value.user_message
+    assert (await service.stats(CHANNEL)).turns == 0
+
+
+async def test_bad_attachment_stores_nothing(service: AnswerService, tmp_path: Path) -> None:
+    fake = tmp_path / "notes.png"
+    fake.write_text("this is not a picture")
+    with pytest.raises(UnsupportedMediaType):
+        await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(fake,)))
+    assert (await service.stats(CHANNEL)).turns == 0
+
+
+async def test_the_same_discord_message_twice_is_answered_once(service: AnswerService) -> None:
+    question = Question(scope=CHANNEL, text="hello", discord_message_id=42)
+    first, second = await asyncio.gather(service.answer(question), service.answer(question))
+    third = await service.answer(question)
+    assert sorted([first.duplicate, second.duplicate]) == [False, True]
+    assert third.duplicate and third.text == ""
+    assert (await service.stats(CHANNEL)).turns == 1
+
+
+async def test_thread_starts_from_the_parent_conversation_and_continues_alone(
+    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    answer = await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
+    await service.attach_reply(answer, 555)
+    await service.answer(Question(scope=CHANNEL, text="later channel question"))
+    spy = SubmittedMessages(service, monkeypatch)
+    origin = ThreadOrigin(parent_scope=CHANNEL, starter_message_id=555)
+    await service.answer(Question(scope=THREAD, text="tell me more", thread_origin=origin))
+    texts = [part.get("text") for message in spy.seen[0] for part in message["content"]]
+    assert "what is it?" in texts and "later channel question" not in texts
+    assert len(_image_parts(spy.seen[0])) == 1
+    assert (await service.stats(THREAD)).turns == 2
+    assert (await service.stats(CHANNEL)).turns == 2
+
+
+async def test_concurrent_questions_in_one_channel_are_answered_in_order(
+    service: AnswerService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SubmittedMessages(service, monkeypatch)
+    positions: list[int] = []
+    await asyncio.gather(
+        service.answer(Question(scope=CHANNEL, text="first")),
+        service.answer(Question(scope=CHANNEL, text="second"), on_queue_position=positions.append),
+    )
+    # The second question waited for the first answer and saw it in its history.
+    assert [m["content"][-1]["text"] for m in spy.seen[1] if m["role"] == "user"] == ["first", "second"]
+    assert positions and positions[0] >= 1
+    assert (await service.stats(CHANNEL)).turns == 2
+
+
+async def test_history_survives_a_restart(tiny_model_dir: Path, tmp_path: Path, photo: Path) -> None:
+    settings = make_settings(tiny_model_dir, tmp_path / "data")
+    async with running_service(settings) as first_run:
+        await first_run.answer(Question(scope=CHANNEL, text="remember this", local_files=(photo,)))
+    async with running_service(settings) as second_run:
+        stats = await second_run.stats(CHANNEL)
+        assert (stats.turns, stats.images) == (1, 1)
+        forgotten = await second_run.reset(CHANNEL)
+        assert (forgotten.messages_deleted, forgotten.media_deleted) == (2, 1)
+        assert (await second_run.stats(CHANNEL)).turns == 0
+
+
+async def test_engine_failure_stores_nothing(service: AnswerService) -> None:
+    await service._engine.stop()
+    with pytest.raises(EngineStopped) as stopped:
+        await service.answer(Question(scope=CHANNEL, text="hello"))
+    assert stopped.value.user_message
+    assert (await service.stats(CHANNEL)).turns == 0
+
+
+def test_empty_model_output_is_shown_as_a_clear_message() -> None:
+    assert display_text("  \n") == EMPTY_ANSWER_TEXT
+    assert display_text(" hi ") == "hi"
