@@ -1,0 +1,438 @@
+"""The inference worker with the real tiny model: batching, ordering, streaming, failures, shutdown.
+
+Slow requests and device faults are injected at the pipeline boundary (`Pipeline.run_batch` is wrapped; the
+wrapped call still runs the real model), so every test is deterministic without sleeping on timing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import torch
+
+from bot.engine.loader import load_model
+from bot.engine.pipeline import Pipeline, PipelineOutput, PipelineRequest
+from bot.engine.worker import EngineRequest, GenerationResult, InferenceEngine, estimate_prompt_tokens
+from bot.errors import EngineStopped, GenerationFailed, ModelLoadError, OutOfMemory, QueueFull
+from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings, VisionSettings
+
+GREEDY = {"max_new_tokens": 8, "do_sample": False}
+QUESTIONS = [f"Question {n}: what colour is item {n * 7}?" for n in range(8)]
+
+
+def make_settings(model_dir: Path, **engine: object) -> Settings:
+    return Settings(
+        model=ModelSettings(
+            name_or_path=str(model_dir), device_map="cpu", dtype="float32", local_files_only=True
+        ),
+        generation=GenerationSettings(max_new_tokens=8, do_sample=False),
+        engine=EngineSettings(**engine),
+    )
+
+
+def ask(text: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": text}]}]
+
+
+def question_of(messages: list[dict]) -> str:
+    return next(part["text"] for part in messages[-1]["content"] if part["type"] == "text")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir: Path) -> Callable[[str], PipelineOutput]:
+    """The pipeline run directly, one question at a time: what every engine answer must equal."""
+    settings = make_settings(tiny_model_dir)
+    loaded = load_model(settings.model)
+    pipeline = Pipeline(
+        loaded.model,
+        loaded.processor,
+        min_pixels=settings.vision.min_pixels,
+        max_pixels=settings.vision.max_pixels,
+    )
+    answers: dict[str, PipelineOutput] = {}
+
+    def answer(question: str) -> PipelineOutput:
+        if question not in answers:
+            answers[question] = pipeline.run_batch([PipelineRequest(ask(question), dict(GREEDY))])[0]
+        return answers[question]
+
+    return answer
+
+
+class PipelineSpy:
+    """Wraps `Pipeline.run_batch`: records each call's questions and pixel scale, can hold it at a gate
+    (a slow request) and can raise a fault before the real call (the device failing)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[list[str], float]] = []
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.fault: Callable[[list[str], float], BaseException | None] = lambda questions, scale: None
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        original = Pipeline.run_batch
+
+        def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+            questions = [question_of(request.messages) for request in requests]
+            self.calls.append((questions, pixel_scale))
+            self.entered.set()
+            assert self.gate.wait(timeout=30)
+            fault = self.fault(questions, pixel_scale)
+            if fault is not None:
+                raise fault
+            return original(pipeline, requests, pixel_scale=pixel_scale)
+
+        monkeypatch.setattr(Pipeline, "run_batch", run_batch)
+
+    def hold(self) -> None:
+        self.gate.clear()
+        self.entered.clear()
+
+    async def wait_entered(self) -> None:
+        assert await asyncio.to_thread(self.entered.wait, 30)
+
+
+@pytest.fixture
+def spy(monkeypatch: pytest.MonkeyPatch) -> PipelineSpy:
+    spy = PipelineSpy()
+    spy.install(monkeypatch)
+    return spy
+
+
+@asynccontextmanager
+async def running(settings: Settings) -> AsyncIterator[InferenceEngine]:
+    engine = InferenceEngine(settings)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.stop(grace=30)
+
+
+def request(question: str, key: str | None = None, **kwargs: object) -> EngineRequest:
+    return EngineRequest(messages=ask(question), conversation_key=key or question, **kwargs)
+
+
+def assert_same(result: GenerationResult, expected: PipelineOutput) -> None:
+    assert (result.text, result.token_ids, result.prompt_tokens) == (
+        expected.text,
+        expected.token_ids,
+        expected.prompt_tokens,
+    )
+
+
+async def test_answer_equals_the_pipeline_run_directly(tiny_model_dir: Path, reference) -> None:
+    async with running(make_settings(tiny_model_dir)) as engine:
+        result = await engine.generate(ask(QUESTIONS[0]), conversation_key="c0")
+
+    assert_same(result, reference(QUESTIONS[0]))
+    assert result.token_ids, "the tiny model answers with at least one token"
+    assert result.queue_seconds >= 0 and result.generate_seconds > 0
+
+
+async def test_eight_conversations_share_one_batch_with_unchanged_answers(
+    tiny_model_dir: Path, reference, spy: PipelineSpy
+) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        handles = [engine.submit(request(question)) for question in QUESTIONS]
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+        stats = engine.stats
+
+    assert spy.calls == [(QUESTIONS, 1.0)]
+    assert stats.batch_sizes == {8: 1} and stats.completed == 8
+    for question, result in zip(QUESTIONS, results, strict=True):
+        assert_same(result, reference(question))
+
+
+async def test_a_conversation_never_overtakes_itself(tiny_model_dir: Path, spy: PipelineSpy) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        order: list[str] = []
+
+        async def answer(question: str, key: str) -> None:
+            await engine.submit(request(question, key)).result()
+            order.append(question)
+
+        questions = [("a1", "A"), ("a2", "A"), ("b1", "B"), ("a3", "A"), ("b2", "B")]
+        await asyncio.gather(*(answer(question, key) for question, key in questions))
+
+    assert [questions for questions, _ in spy.calls] == [["a1", "b1"], ["a2", "b2"], ["a3"]]
+    assert order.index("a1") < order.index("a2") < order.index("a3")
+    assert order.index("b1") < order.index("b2")
+
+
+async def test_only_equal_generate_kwargs_batch_and_the_oldest_goes_first(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    longer = {**GREEDY, "max_new_tokens": 4}
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        handles = [
+            engine.submit(request("p", generate_kwargs=dict(GREEDY))),
+            engine.submit(request("q", generate_kwargs=longer)),
+            engine.submit(request("r", generate_kwargs=dict(GREEDY))),
+            engine.submit(request("s", generate_kwargs=longer)),
+        ]
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+
+    assert [questions for questions, _ in spy.calls] == [["p", "r"], ["q", "s"]]
+    assert len(results[1].token_ids) <= 4
+
+
+async def test_queue_full_is_raised_at_once_and_memory_stays_bounded(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    settings = make_settings(tiny_model_dir, max_queue_size=2, max_batch_size=1, batch_wait_ms=0)
+    async with running(settings) as engine:
+        spy.hold()
+        slow = engine.submit(request("slow"))
+        await spy.wait_entered()
+        queued = [engine.submit(request(f"q{n}")) for n in range(2)]
+        with pytest.raises(QueueFull):
+            engine.submit(request("one too many"))
+        assert engine.stats.queued == 2
+        spy.gate.set()
+        await asyncio.gather(slow.result(), *(handle.result() for handle in queued))
+        after = await engine.generate(ask("room again"), conversation_key="later")
+
+    assert after.token_ids
+
+
+async def test_queue_positions_count_down_to_zero_on_the_loop_thread(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    loop_thread = threading.get_ident()
+    settings = make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0)
+    async with running(settings) as engine:
+        spy.hold()
+        seen: dict[int, list[int]] = {n: [] for n in range(4)}
+        threads: set[int] = set()
+
+        def recorder(n: int) -> Callable[[int], None]:
+            def record(ahead: int) -> None:
+                seen[n].append(ahead)
+                threads.add(threading.get_ident())
+
+            return record
+
+        handles = [engine.submit(request(f"q{n}", on_queue_position=recorder(n))) for n in range(4)]
+        assert [handle.ahead for handle in handles] == [0, 1, 2, 3]
+        await spy.wait_entered()
+        spy.gate.set()
+        await asyncio.gather(*(handle.result() for handle in handles))
+
+    assert seen == {0: [0], 1: [1, 0], 2: [2, 1, 0], 3: [3, 2, 1, 0]}
+    assert threads == {loop_thread}
+
+
+async def test_streamed_deltas_add_up_to_the_answer_on_the_loop_thread(tiny_model_dir: Path) -> None:
+    loop_thread = threading.get_ident()
+    deltas: list[str] = []
+    threads: set[int] = set()
+
+    def on_text(delta: str) -> None:
+        deltas.append(delta)
+        threads.add(threading.get_ident())
+
+    async with running(make_settings(tiny_model_dir)) as engine:
+        result = await engine.generate(ask(QUESTIONS[1]), conversation_key="s", on_text=on_text)
+
+    assert "".join(deltas) == result.text
+    assert len(deltas) >= 2
+    assert threads == {loop_thread}
+
+
+async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
+    tiny_model_dir: Path, reference, spy: PipelineSpy
+) -> None:
+    broken = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(tiny_model_dir / "missing.png")},
+                {"type": "text", "text": "broken"},
+            ],
+        }
+    ]
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        good = [engine.submit(request(question)) for question in QUESTIONS[:2]]
+        bad = engine.submit(EngineRequest(messages=broken, conversation_key="broken"))
+        results = await asyncio.gather(*(handle.result() for handle in good))
+        with pytest.raises(GenerationFailed) as failure:
+            await bad.result()
+        later = await engine.generate(ask(QUESTIONS[2]), conversation_key="later")
+        stats = engine.stats
+
+    assert failure.value.__cause__ is not None
+    assert [questions for questions, _ in spy.calls] == [
+        [QUESTIONS[0], QUESTIONS[1], "broken"],
+        [QUESTIONS[0]],
+        [QUESTIONS[1]],
+        ["broken"],
+        [QUESTIONS[2]],
+    ]
+    for question, result in zip(QUESTIONS, [*results, later], strict=False):
+        assert_same(result, reference(question))
+    assert (stats.completed, stats.failed) == (3, 1)
+
+
+async def test_out_of_memory_retries_each_request_alone_with_fewer_pixels(
+    tiny_model_dir: Path, reference, spy: PipelineSpy
+) -> None:
+    def first_call_runs_out(questions: list[str], scale: float) -> BaseException | None:
+        return torch.cuda.OutOfMemoryError("CUDA out of memory") if len(spy.calls) == 1 else None
+
+    spy.fault = first_call_runs_out
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        handles = [engine.submit(request(question)) for question in QUESTIONS[:2]]
+        results = await asyncio.gather(*(handle.result() for handle in handles))
+        stats = engine.stats
+
+    assert spy.calls == [(QUESTIONS[:2], 1.0), ([QUESTIONS[0]], 0.5), ([QUESTIONS[1]], 0.5)]
+    for question, result in zip(QUESTIONS, results, strict=False):
+        assert_same(result, reference(question))
+    assert stats.oom_retries == 2
+
+
+async def test_persistent_out_of_memory_fails_only_that_request(
+    tiny_model_dir: Path, reference, spy: PipelineSpy
+) -> None:
+    def huge_never_fits(questions: list[str], scale: float) -> BaseException | None:
+        return RuntimeError("CUDA error: out of memory") if "huge" in questions else None
+
+    spy.fault = huge_never_fits
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    async with running(settings) as engine:
+        huge = engine.submit(request("huge"))
+        fine = engine.submit(request(QUESTIONS[3]))
+        with pytest.raises(OutOfMemory) as failure:
+            await huge.result()
+        result = await fine.result()
+        again = await engine.generate(ask(QUESTIONS[4]), conversation_key="after")
+
+    assert isinstance(failure.value.__cause__, RuntimeError)
+    assert spy.calls[:3] == [(["huge", QUESTIONS[3]], 1.0), (["huge"], 0.5), ([QUESTIONS[3]], 0.5)]
+    assert_same(result, reference(QUESTIONS[3]))
+    assert_same(again, reference(QUESTIONS[4]))
+
+
+async def test_cancelled_requests_leave_the_queue_or_have_their_result_dropped(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0)
+    async with running(settings) as engine:
+        spy.hold()
+        running_one = engine.submit(request("running"))
+        await spy.wait_entered()
+        queued = engine.submit(request("queued"))
+        last = engine.submit(request("last"))
+        assert last.ahead == 2
+        assert queued.cancel() and running_one.cancel()
+        await asyncio.sleep(0)
+        assert last.ahead == 1 and engine.stats.queued == 1
+        spy.gate.set()
+        result = await last.result()
+        with pytest.raises(asyncio.CancelledError):
+            await queued.result()
+        stats = engine.stats
+
+    assert result.token_ids
+    assert [questions for questions, _ in spy.calls] == [["running"], ["last"]]
+    assert stats.cancelled == 2
+
+
+async def test_request_timeout_fails_the_request(tiny_model_dir: Path, spy: PipelineSpy) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0, request_timeout_seconds=0.2)
+    async with running(settings) as engine:
+        spy.hold()
+        slow = engine.submit(request("slow"))
+        with pytest.raises(GenerationFailed, match="timed out"):
+            await slow.result()
+        spy.gate.set()
+        after = await engine.generate(ask("after"), conversation_key="after")
+
+    assert after.token_ids
+
+
+async def test_stop_finishes_the_running_batch_and_fails_the_queue(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0)
+    engine = InferenceEngine(settings)
+    await engine.start()
+    spy.hold()
+    in_flight = engine.submit(request("in flight"))
+    await spy.wait_entered()
+    queued = [engine.submit(request(f"queued {n}")) for n in range(3)]
+
+    stopping = asyncio.create_task(engine.stop(grace=30))
+    for handle in queued:
+        with pytest.raises(EngineStopped):
+            await handle.result()
+    with pytest.raises(EngineStopped):
+        engine.submit(request("too late"))
+    spy.gate.set()
+    result = await in_flight.result()
+    await stopping
+    await engine.stop()  # idempotent
+
+    assert result.token_ids
+    assert not engine.worker_alive
+    assert [questions for questions, _ in spy.calls] == [["in flight"]]
+
+
+async def test_stop_after_the_grace_period_aborts_the_running_batch(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    engine = InferenceEngine(make_settings(tiny_model_dir))
+    await engine.start()
+    spy.hold()
+    in_flight = engine.submit(request("never finishes in time"))
+    await spy.wait_entered()
+    stopping = asyncio.create_task(engine.stop(grace=0.1))
+    with pytest.raises(EngineStopped):
+        await in_flight.result()
+    spy.gate.set()
+    await stopping
+
+    assert not engine.worker_alive
+
+
+async def test_start_with_a_bad_path_raises_model_load_error(tmp_path: Path) -> None:
+    engine = InferenceEngine(make_settings(tmp_path / "no-such-model"))
+    with pytest.raises(ModelLoadError):
+        await engine.start()
+    with pytest.raises(EngineStopped):
+        engine.submit(request("anything"))
+    await engine.stop()
+
+
+async def test_batches_stay_within_the_token_budget(tiny_model_dir: Path, spy: PipelineSpy) -> None:
+    # Each request costs 300 // 3 + 8 prompt tokens + 8 new ones = 116: two fit in 256, three do not.
+    questions = [f"{n}" + "x" * 299 for n in range(4)]
+    settings = make_settings(tiny_model_dir, max_batch_size=8, max_batch_tokens=256, batch_wait_ms=300)
+    async with running(settings) as engine:
+        handles = [engine.submit(request(question)) for question in questions]
+        await asyncio.gather(*(handle.result() for handle in handles))
+
+    assert [calls for calls, _ in spy.calls] == [questions[:2], questions[2:]]
+
+
+def test_prompt_estimate_counts_text_and_image_budgets() -> None:
+    vision = VisionSettings()
+    image = [
+        {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "hi"}]}
+    ]
+
+    assert estimate_prompt_tokens(ask("x" * 300), vision) == 300 // 3 + 8
+    assert estimate_prompt_tokens(image, vision) == vision.max_pixels // (28 * 28) + 8
+    assert estimate_prompt_tokens([{"role": "user", "content": "abcdef"}], vision) == 2 + 8
