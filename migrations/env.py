@@ -6,6 +6,8 @@ line (`alembic upgrade head` at the repo root) the URL comes from `-x database_u
 
 from __future__ import annotations
 
+from logging.config import fileConfig
+
 from alembic import context
 from sqlalchemy import Connection
 
@@ -14,6 +16,8 @@ from bot.store.models import Base
 
 config = context.config
 target_metadata = Base.metadata
+if config.config_file_name is not None:  # the CLI; the bot configures its own logging
+    fileConfig(config.config_file_name, disable_existing_loggers=False)
 
 
 def _run(connection: Connection) -> None:

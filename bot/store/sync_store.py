@@ -17,7 +17,7 @@ from sqlalchemy import CursorResult, Delete, Engine, Update, delete, exists, fun
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.content import ChatMessage, ConversationScope, StoredMedia, TextPart
+from bot.content import ChatMessage, ConversationScope, MediaKind, Role, StoredMedia, TextPart
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
 from bot.store.parts import decode_parts, encode_parts, media_hashes
 from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
@@ -173,7 +173,7 @@ class SyncStore:
             rows = _whole_turns(list(reversed(session.execute(query).all())))
             hashes = set().union(*(media_hashes(content) for _, content in rows))
             media = self._media_by_hash(session, hashes)
-        return [ChatMessage(role, decode_parts(content, media)) for role, content in rows]  # type: ignore[arg-type]
+        return [ChatMessage(cast(Role, role), decode_parts(content, media)) for role, content in rows]
 
     # -- deletion ------------------------------------------------------------------------------------------
 
@@ -261,7 +261,7 @@ class SyncStore:
             width=row.width,
             height=row.height,
             byte_size=row.byte_size,
-            kind=row.kind,  # type: ignore[arg-type]
+            kind=cast(MediaKind, row.kind),
         )
 
     def _relative_path(self, path: Path) -> str:
