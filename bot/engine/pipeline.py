@@ -88,12 +88,18 @@ class Pipeline:
             self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             for messages in conversations
         ]
-        image_inputs, video_inputs, video_kwargs = process_vision_info(
-            conversations, return_video_kwargs=True
+        image_inputs, videos, video_kwargs = process_vision_info(
+            conversations, return_video_kwargs=True, return_video_metadata=True
         )
+        video_inputs = None
         processor_kwargs: dict[str, Any] = {}
-        if video_inputs is not None:
-            processor_kwargs.update(video_kwargs)
+        if videos is not None:  # frames with their sampling metadata, which gives the processor the fps
+            video_inputs = [frames for frames, _ in videos]
+            processor_kwargs = {
+                **video_kwargs,
+                "video_metadata": [metadata for _, metadata in videos],
+                "cap_pixels_per_frame": True,  # qwen-vl-utils already capped each frame
+            }
         self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(
             text=texts,
@@ -170,12 +176,10 @@ class Pipeline:
         elif not isinstance(source, Image.Image):
             raise ValueError(f"unsupported {key} value of type {type(source).__name__}")
         part = {**part, key: source}
-        if key == "video":
-            if "max_pixels" in part and pixel_scale != 1.0:
-                part["max_pixels"] = max(int(part["max_pixels"] * pixel_scale), 1)
-            return part
         if "max_pixels" in part:
             part["max_pixels"] = max(int(part["max_pixels"] * pixel_scale), 1)
+        elif key == "video":
+            return part  # qwen-vl-utils' own per-frame budget
         else:
             part["max_pixels"] = max_pixels
         part.setdefault("min_pixels", min(min_pixels, part["max_pixels"]))

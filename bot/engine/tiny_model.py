@@ -47,6 +47,8 @@ EOS_TOKENS = ("<|im_end|>", "<|endoftext|>")
 PAD_TOKEN = "<|endoftext|>"
 BPE_VOCAB_SIZE = 1024  # before the special tokens
 DEFAULT_MAX_NEW_TOKENS = 32
+PROCESSOR_MIN_PIXELS = 56 * 56  # Qwen2.5-VL's preprocessor_config.json
+PROCESSOR_MAX_PIXELS = 28 * 28 * 16384
 
 # Qwen2's pre-tokenizer split: contractions, letters, single digits, punctuation runs, newlines, spaces.
 _PRETOKENIZE_REGEX = (
@@ -109,9 +111,14 @@ def build_tiny_model(out_dir: Path, *, seed: int = 0) -> Path:
 
         progress.set_postfix_str("building processor")
         processor = Qwen2_5_VLProcessor(
-            image_processor=Qwen2VLImageProcessor(),
+            # Like the real checkpoints: qwen-vl-utils sizes the media, the processors do not resize again.
+            image_processor=Qwen2VLImageProcessor(
+                min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS
+            ),
             tokenizer=tokenizer,
-            video_processor=Qwen2VLVideoProcessor(),
+            video_processor=Qwen2VLVideoProcessor(
+                min_pixels=PROCESSOR_MIN_PIXELS, max_pixels=PROCESSOR_MAX_PIXELS
+            ),
             chat_template=CHAT_TEMPLATE,
         )
         progress.update()
