@@ -76,20 +76,15 @@ def _with_model(settings: Settings, model: str | None) -> Settings:
 
 
 async def _purge(settings: Settings) -> int:
-    from bot.store import ConversationStore, upgrade
+    from bot.app import make_store, migrate
 
-    storage = settings.storage
     days = settings.history.retention_days
     if days is None:
         print("history.retention_days is not set: nothing to purge.")
         return 0
-    await asyncio.to_thread(upgrade, storage.resolved_database_url)
-    store = ConversationStore(storage.resolved_database_url, storage.resolved_media_dir)
-    await store.open()
-    try:
+    await asyncio.to_thread(migrate, settings.storage)
+    async with make_store(settings.storage) as store:
         result = await store.purge_older_than(days)
-    finally:
-        await store.close()
     print(f"Purged {result.messages_deleted} messages and {result.media_deleted} media files.")
     return 0
 
@@ -110,10 +105,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         print(f"Tiny model written to {path}")
         return 0
     if args.command == "db" and args.db_command == "upgrade":
-        from bot.store import upgrade
+        from bot.app import migrate
 
-        settings.storage.data_dir.mkdir(parents=True, exist_ok=True)
-        upgrade(settings.storage.resolved_database_url)
+        migrate(settings.storage)
         print("Database is at the latest schema.")
         return 0
     if args.command == "db" and args.db_command == "purge":

@@ -10,34 +10,41 @@ from contextlib import asynccontextmanager
 from bot.answering import AnswerService
 from bot.engine import InferenceEngine
 from bot.media import MediaFetcher
-from bot.settings import Settings
+from bot.settings import Settings, StorageSettings
 from bot.store import ConversationStore, upgrade
 
 log = logging.getLogger("bot.app")
 
 
-@asynccontextmanager
-async def running_service(settings: Settings) -> AsyncIterator[AnswerService]:
-    """Migrate the database, open the store, the media fetcher and the engine; close them all on exit."""
-    storage = settings.storage
+def migrate(storage: StorageSettings) -> None:
+    """Create the data directories and bring the database to the latest schema (blocking)."""
     storage.data_dir.mkdir(parents=True, exist_ok=True)
     storage.resolved_media_dir.mkdir(parents=True, exist_ok=True)
-    log.info("applying database migrations")
-    await asyncio.to_thread(upgrade, storage.resolved_database_url)
-    store = ConversationStore(
+    upgrade(storage.resolved_database_url, busy_timeout_ms=storage.sqlite_busy_timeout_ms)
+
+
+def make_store(storage: StorageSettings) -> ConversationStore:
+    """The conversation store for these storage settings (not yet opened)."""
+    return ConversationStore(
         storage.resolved_database_url,
         storage.resolved_media_dir,
         busy_timeout_ms=storage.sqlite_busy_timeout_ms,
     )
-    await store.open()
-    try:
-        async with MediaFetcher(settings.media, storage.resolved_media_dir) as media:
-            engine = InferenceEngine(settings)
-            log.info("loading model %s", settings.model.name_or_path)
-            await engine.start()
-            try:
-                yield AnswerService(settings, store, media, engine)
-            finally:
-                await engine.stop()
-    finally:
-        await store.close()
+
+
+@asynccontextmanager
+async def running_service(settings: Settings) -> AsyncIterator[AnswerService]:
+    """Migrate the database, open the store, the media fetcher and the engine; close them all on exit."""
+    log.info("applying database migrations")
+    await asyncio.to_thread(migrate, settings.storage)
+    async with (
+        make_store(settings.storage) as store,
+        MediaFetcher(settings.media, settings.storage.resolved_media_dir) as media,
+    ):
+        engine = InferenceEngine(settings)
+        log.info("loading model %s", settings.model.name_or_path)
+        await engine.start()
+        try:
+            yield AnswerService(settings, store, media, engine)
+        finally:
+            await engine.stop()
