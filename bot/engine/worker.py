@@ -87,6 +87,7 @@ class EngineStats:
     completed: int
     failed: int
     cancelled: int
+    aborted: int  # runs stopped midway because nobody waited for them any more
     oom_retries: int
     queued: int
     running: int
@@ -123,7 +124,10 @@ class RequestHandle:
 
     @property
     def ahead(self) -> int:
-        """How many earlier requests are still queued or running; 0 once this one runs."""
+        """How many earlier-submitted requests are still queued or running; it only goes down.
+
+        0 once this one runs (or is next: it then starts within `batch_wait_ms`).
+        """
         return self._item.ahead
 
     def done(self) -> bool:
@@ -214,6 +218,7 @@ class _Counters:
     completed: int = 0
     failed: int = 0
     cancelled: int = 0
+    aborted: int = 0
     oom_retries: int = 0
 
 
@@ -290,6 +295,7 @@ class InferenceEngine:
                 completed=counters.completed,
                 failed=counters.failed,
                 cancelled=counters.cancelled,
+                aborted=counters.aborted,
                 oom_retries=counters.oom_retries,
                 queued=len(self._queue),
                 running=len(self._running),
@@ -529,6 +535,7 @@ class InferenceEngine:
         try:
             return list(self._attempt(batch, 1.0))
         except _Aborted:
+            self._count_abort()
             return [None] * len(batch)
         except Exception as exc:
             if _is_oom(exc):
@@ -553,6 +560,7 @@ class InferenceEngine:
         try:
             return self._attempt([item], scale)[0]
         except _Aborted:
+            self._count_abort()
             return None
         except Exception as exc:
             if _is_oom(exc) and scale > OOM_PIXEL_SCALE:
@@ -574,22 +582,26 @@ class InferenceEngine:
             raise RuntimeError(f"the pipeline returned {len(outputs)} outputs for {len(items)} requests")
         return outputs
 
-    def _text_sink(self, item: _Item, attempt: list[_Item]) -> Callable[[str], None]:
-        """The pipeline's streaming callback for `item`: forwards new text to the loop, aborts dead batches.
+    def _count_abort(self) -> None:
+        with self._cond:
+            self._counters.aborted += 1
 
-        A retried request regenerates from the start; only text beyond what was already sent is forwarded.
+    def _text_sink(self, item: _Item, attempt: list[_Item]) -> Callable[[str], None]:
+        """The pipeline's streaming callback for `item`: forwards new text to the loop, aborts dead runs.
+
+        Installed even without `on_text`, because raising from it is how a run that nobody waits for
+        (cancelled, or past the shutdown grace) stops between two tokens. A retried request regenerates
+        from the start; only text beyond what was already sent is forwarded.
         """
-        produced: list[str] = []
-        length = 0
+        forward = item.request.on_text is not None
+        text = ""
 
         def sink(delta: str) -> None:
-            nonlocal length
+            nonlocal text
             if self._abort_running or all(entry.discarded for entry in attempt):
                 raise _Aborted
-            produced.append(delta)
-            length += len(delta)
-            if length > len(item.streamed):
-                text = "".join(produced)
+            text += delta
+            if forward and len(text) > len(item.streamed):
                 fresh = text[len(item.streamed) :]
                 item.streamed = text
                 self._post(self._deliver_text, item, fresh)
@@ -616,8 +628,9 @@ class InferenceEngine:
             if isinstance(outcome, EngineError):
                 self._post(_settle, item.future, outcome)
                 continue
-            if outcome.text.startswith(item.streamed) and len(outcome.text) > len(item.streamed):
-                self._post(self._deliver_text, item, outcome.text[len(item.streamed) :])
+            tail = outcome.text[len(item.streamed) :]
+            if item.request.on_text is not None and tail and outcome.text.startswith(item.streamed):
+                self._post(self._deliver_text, item, tail)
             result = GenerationResult(
                 text=outcome.text,
                 token_ids=list(outcome.token_ids),

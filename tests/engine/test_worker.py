@@ -7,6 +7,7 @@ wrapped call still runs the real model), so every test is deterministic without 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -249,6 +250,39 @@ async def test_streamed_deltas_add_up_to_the_answer_on_the_loop_thread(tiny_mode
     assert threads == {loop_thread}
 
 
+async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
+    tiny_model_dir: Path, reference, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    original = Pipeline.run_batch
+    scales: list[float] = []
+
+    def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+        scales.append(pixel_scale)
+        if len(scales) == 1:  # the device fails after the second piece of text was streamed
+            forward = requests[0].on_text
+            assert forward is not None
+            pieces = 0
+
+            def failing(delta: str) -> None:
+                nonlocal pieces
+                forward(delta)
+                pieces += 1
+                if pieces == 2:
+                    raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+            requests = [dataclasses.replace(requests[0], on_text=failing)]
+        return original(pipeline, requests, pixel_scale=pixel_scale)
+
+    monkeypatch.setattr(Pipeline, "run_batch", run_batch)
+    deltas: list[str] = []
+    async with running(make_settings(tiny_model_dir)) as engine:
+        result = await engine.generate(ask(QUESTIONS[5]), conversation_key="s", on_text=deltas.append)
+
+    assert scales == [1.0, 0.5]
+    assert "".join(deltas) == result.text
+    assert_same(result, reference(QUESTIONS[5]))
+
+
 async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
     tiny_model_dir: Path, reference, spy: PipelineSpy
 ) -> None:
@@ -347,7 +381,7 @@ async def test_cancelled_requests_leave_the_queue_or_have_their_result_dropped(
 
     assert result.token_ids
     assert [questions for questions, _ in spy.calls] == [["running"], ["last"]]
-    assert stats.cancelled == 2
+    assert (stats.cancelled, stats.aborted, stats.completed) == (2, 1, 1)
 
 
 async def test_request_timeout_fails_the_request(tiny_model_dir: Path, spy: PipelineSpy) -> None:
@@ -405,6 +439,7 @@ async def test_stop_after_the_grace_period_aborts_the_running_batch(
     await stopping
 
     assert not engine.worker_alive
+    assert engine.stats.aborted == 1
 
 
 async def test_start_with_a_bad_path_raises_model_load_error(tmp_path: Path) -> None:

@@ -1,0 +1,205 @@
+"""Event-loop responsiveness while the model generates: the engine's worker thread vs generating on the loop.
+
+A ticker sleeps 10 ms at a time on the event loop and records how late each wake-up is, while requests
+are generated back to back for a fixed time with the tiny random model on CPU. "engine" submits them to
+`InferenceEngine` (a few in flight, streaming on); "naive" calls the pipeline directly on the loop, as a bot
+without a worker thread would. "idle" is the ticker alone, the floor of what the loop can do.
+
+    python -m bench.bench_loop_lag [--seconds 10] [--max-new-tokens 128] [--torch-threads N]
+
+Goal: engine p99 < 20 ms and max < 100 ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from bot.engine import InferenceEngine
+from bot.engine.loader import load_model
+from bot.engine.pipeline import Pipeline, PipelineRequest
+from bot.engine.tiny_model import build_tiny_model
+from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
+
+TICK_SECONDS = 0.010
+QUESTIONS = [f"Question {n}: what is in the picture, and what colour is item {n}?" for n in range(64)]
+
+
+@dataclass(frozen=True)
+class Row:
+    mode: str
+    requests: int
+    new_tokens: int
+    lags: list[float]
+    seconds: float
+
+
+def messages(question: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": question}]}]
+
+
+async def measure(
+    mode: str, seconds: float, work: Callable[[asyncio.Event], Awaitable[tuple[int, int]]]
+) -> Row:
+    """Run `work` until `seconds` pass while a 10 ms ticker records how late the loop wakes it."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    lags: list[float] = []
+
+    async def ticker() -> None:
+        due = loop.time() + TICK_SECONDS
+        while not stop.is_set():
+            await asyncio.sleep(max(due - loop.time(), 0))
+            now = loop.time()
+            lags.append(now - due)
+            due = now + TICK_SECONDS
+
+    started = time.perf_counter()
+    loop.call_later(seconds, stop.set)
+    (requests, new_tokens), _ = await asyncio.gather(work(stop), ticker())
+    return Row(mode, requests, new_tokens, lags, time.perf_counter() - started)
+
+
+def settings_for(model_dir: Path, max_new_tokens: int) -> Settings:
+    return Settings(
+        model=ModelSettings(
+            name_or_path=str(model_dir), device_map="cpu", dtype="float32", local_files_only=True
+        ),
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False),
+        engine=EngineSettings(max_batch_size=4, batch_wait_ms=5),
+    )
+
+
+def generate_kwargs(max_new_tokens: int) -> dict[str, object]:
+    # min_new_tokens keeps the random model from stopping early, so every request does the same work.
+    return {"max_new_tokens": max_new_tokens, "min_new_tokens": max_new_tokens, "do_sample": False}
+
+
+async def run_idle(seconds: float) -> Row:
+    async def nothing(stop: asyncio.Event) -> tuple[int, int]:
+        await stop.wait()
+        return 0, 0
+
+    return await measure("idle", seconds, nothing)
+
+
+async def run_engine(settings: Settings, seconds: float, in_flight: int) -> Row:
+    engine = InferenceEngine(settings)
+    await engine.start()
+    kwargs = generate_kwargs(settings.generation.max_new_tokens or 0)
+    deltas = 0
+
+    def on_text(_: str) -> None:
+        nonlocal deltas
+        deltas += 1
+
+    async def client(index: int, stop: asyncio.Event) -> tuple[int, int]:
+        requests = tokens = 0
+        while not stop.is_set():
+            question = QUESTIONS[(index + requests * in_flight) % len(QUESTIONS)]
+            result = await engine.generate(
+                messages(question), conversation_key=f"c{index}", generate_kwargs=kwargs, on_text=on_text
+            )
+            requests += 1
+            tokens += len(result.token_ids)
+        return requests, tokens
+
+    async def work(stop: asyncio.Event) -> tuple[int, int]:
+        totals = await asyncio.gather(*(client(index, stop) for index in range(in_flight)))
+        return sum(requests for requests, _ in totals), sum(tokens for _, tokens in totals)
+
+    try:
+        return await measure(f"engine ({in_flight} in flight)", seconds, work)
+    finally:
+        await engine.stop()
+
+
+async def run_naive(settings: Settings, seconds: float) -> Row:
+    loaded = load_model(settings.model)
+    pipeline = Pipeline(
+        loaded.model,
+        loaded.processor,
+        min_pixels=settings.vision.min_pixels,
+        max_pixels=settings.vision.max_pixels,
+    )
+    kwargs = generate_kwargs(settings.generation.max_new_tokens or 0)
+
+    async def work(stop: asyncio.Event) -> tuple[int, int]:
+        requests = tokens = 0
+        while not stop.is_set():
+            request = PipelineRequest(messages(QUESTIONS[requests % len(QUESTIONS)]), kwargs)
+            tokens += len(pipeline.run_batch([request])[0].token_ids)  # blocks the loop: the point
+            requests += 1
+            await asyncio.sleep(0)  # let the ticker see how late it is
+        return requests, tokens
+
+    return await measure("naive (generate on loop)", seconds, work)
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
+
+
+def print_table(rows: list[Row]) -> None:
+    header = f"{'mode':<26}{'requests':>9}{'tok/s':>8}{'ticks':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
+    print(header)
+    print("-" * len(header))
+    for row in rows:
+        lags = row.lags or [0.0]
+        print(
+            f"{row.mode:<26}{row.requests:>9}{row.new_tokens / row.seconds:>8.0f}{len(row.lags):>7}"
+            f"{statistics.median(lags) * 1000:>9.2f}{percentile(lags, 0.99) * 1000:>9.2f}"
+            f"{max(lags) * 1000:>9.2f}"
+        )
+
+
+async def main_async(args: argparse.Namespace, model_dir: Path) -> list[Row]:
+    settings = settings_for(model_dir, args.max_new_tokens)
+    return [
+        await run_idle(args.seconds),
+        await run_engine(settings, args.seconds, in_flight=1),
+        await run_engine(settings, args.seconds, in_flight=4),
+        await run_naive(settings, args.seconds),
+    ]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        default=max((os.cpu_count() or 2) - 1, 1),
+        help="torch intra-op threads (default: all cores but one, which the event loop keeps)",
+    )
+    parser.add_argument("--switch-interval-ms", type=float, default=sys.getswitchinterval() * 1000)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(args.torch_threads)
+    sys.setswitchinterval(args.switch_interval_ms / 1000)
+    print(
+        f"tiny Qwen2.5-VL on CPU ({os.cpu_count()} cores), torch threads {torch.get_num_threads()}, "
+        f"GIL switch interval {sys.getswitchinterval() * 1000:.1f} ms, {args.seconds:.0f} s per mode, "
+        f"{args.max_new_tokens} new tokens per request, 10 ms ticker"
+    )
+    with tempfile.TemporaryDirectory() as directory:
+        model_dir = build_tiny_model(Path(directory), seed=0)
+        rows = asyncio.run(main_async(args, model_dir))
+    print_table(rows)
+
+
+if __name__ == "__main__":
+    main()
