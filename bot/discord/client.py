@@ -1,0 +1,163 @@
+"""The Discord client: connection settings, intents, safe mentions, start-up and shutdown.
+
+It only wires things: messages go to `MessageHandler`, interactions to the command tree, and both call the
+answering service. `run_discord` is the entry point of `python -m bot run`; `sync_commands` of
+`python -m bot sync-commands`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from typing import Any
+
+import discord
+import yarl
+from discord.gateway import DiscordWebSocket
+from discord.http import Route
+from pydantic import SecretStr
+
+from bot.answering import AnswerService
+from bot.discord.commands import GuardedCommandTree, build_commands
+from bot.discord.messages import MessageHandler
+from bot.errors import ConfigError
+from bot.settings import DiscordSettings, Settings
+
+log = logging.getLogger("bot.discord")
+
+# Model output must never ping anyone; replying to the asker keeps Discord's usual reply notification.
+SAFE_MENTIONS = discord.AllowedMentions(everyone=False, roles=False, users=False, replied_user=True)
+
+
+def bot_intents() -> discord.Intents:
+    """Guild and DM messages with their content; nothing else (no members, no presences)."""
+    intents = discord.Intents.none()
+    intents.guilds = True
+    intents.guild_messages = True
+    intents.dm_messages = True
+    intents.message_content = True
+    return intents
+
+
+def use_api_base(api_base_url: str) -> None:
+    """Send REST calls to `api_base_url` (discord.py builds every route from the class attribute)."""
+    Route.BASE = api_base_url.rstrip("/")
+
+
+def use_gateway(gateway_url: str) -> None:
+    """Connect the gateway to `gateway_url`.
+
+    discord.py's `Client.connect` opens `DiscordWebSocket.DEFAULT_GATEWAY` first and again after an
+    invalidated session, and resumes at READY's `resume_gateway_url` (which the server names). Setting the
+    class attribute therefore covers every path, where overriding `connect` would mean copying its whole
+    reconnect loop. Like `Route.BASE` it is process-wide, which fits: one process talks to one Discord.
+    """
+    DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
+
+
+class VisionBot(discord.Client):
+    """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands."""
+
+    def __init__(self, settings: DiscordSettings, service: AnswerService, **options: Any) -> None:
+        super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, **options)
+        self._settings = settings
+        self._service = service
+        self.tree = GuardedCommandTree(self)
+        for command in build_commands():
+            self.tree.add_command(command)
+        self._messages = MessageHandler(self, service, settings)
+
+    @property
+    def service(self) -> AnswerService:
+        """The answering service every event ends up in."""
+        return self._service
+
+    @property
+    def discord_settings(self) -> DiscordSettings:
+        """The `[discord]` section of the configuration."""
+        return self._settings
+
+    async def login(self, token: str) -> None:
+        """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""
+        use_api_base(self._settings.api_base_url)
+        await super().login(token)
+        gateway_url = self._settings.gateway_url
+        if gateway_url is None:
+            _shards, gateway_url, _limits = await self.http.get_bot_gateway()
+        use_gateway(gateway_url)
+        log.info("logged in as %s (id %s); gateway %s", self.user, self.user and self.user.id, gateway_url)
+
+    async def setup_hook(self) -> None:
+        if not self._settings.sync_commands_on_start:
+            return
+        try:
+            synced = await self.tree.sync()
+        except discord.HTTPException as exc:
+            log.error("could not sync slash commands (HTTP %s): %s", exc.status, exc.text)
+            return
+        log.info("synced %d application commands", len(synced))
+
+    async def on_ready(self) -> None:
+        log.info("connected to Discord; in %d guilds", len(self.guilds))
+
+    async def on_message(self, message: discord.Message) -> None:
+        await self._messages.handle(message)
+
+
+async def run_discord(settings: Settings, token: SecretStr, service: AnswerService) -> None:
+    """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly."""
+    client = VisionBot(settings.discord, service)
+    loop = asyncio.get_running_loop()
+    handled = _close_on_signals(loop, client)
+    try:
+        async with client:
+            await client.start(token.get_secret_value())
+    except discord.LoginFailure:
+        raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
+    except discord.PrivilegedIntentsRequired:
+        raise ConfigError(
+            "Discord refused the MESSAGE CONTENT intent: switch it on for this bot in the Developer Portal "
+            "(Bot → Privileged Gateway Intents)"
+        ) from None
+    finally:
+        for sig in handled:
+            loop.remove_signal_handler(sig)
+    log.info("disconnected from Discord")
+
+
+def _close_on_signals(loop: asyncio.AbstractEventLoop, client: discord.Client) -> list[signal.Signals]:
+    closing: set[asyncio.Task[None]] = set()
+
+    def request_close(sig: signal.Signals) -> None:
+        log.info("received %s; closing the Discord connection", sig.name)
+        task = loop.create_task(client.close())
+        closing.add(task)
+        task.add_done_callback(closing.discard)
+
+    handled = []
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            loop.add_signal_handler(sig, request_close, sig)
+        except (NotImplementedError, RuntimeError):  # not on Windows' loop, or not in the main thread
+            continue
+        handled.append(sig)
+    return handled
+
+
+async def sync_commands(settings: Settings, token: SecretStr) -> int:
+    """Register the slash commands with Discord over REST (no gateway); return a process exit status."""
+    use_api_base(settings.discord.api_base_url)
+    client = discord.Client(intents=discord.Intents.none())
+    tree = GuardedCommandTree(client)
+    for command in build_commands():
+        tree.add_command(command)
+    async with client:
+        try:
+            await client.login(token.get_secret_value())
+        except discord.LoginFailure:
+            raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
+        synced = await tree.sync()
+    names = ", ".join(command.name for command in synced)
+    print(f"Synced {len(synced)} commands: {names}")
+    return 0

@@ -1,0 +1,196 @@
+"""Slash commands and the message context menu: parse → call the answering service → reply.
+
+Every command defers first (Discord allows 3 seconds for the first response, then 15 minutes for follow-ups)
+and reports failures ephemerally. Commands find the service through `interaction.client`, so the same
+definitions serve the running bot and the `sync-commands` CLI, which never connects to the gateway.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager, suppress
+from typing import Protocol, cast
+
+import discord
+from discord import app_commands
+
+from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
+from bot.content import ConversationScope
+from bot.discord.delivery import GENERIC_FAILURE, deliver, thread_origin
+from bot.discord.replies import InteractionTarget, StreamingReply
+from bot.discord.triggers import attachment_refs, is_allowed, scope_of
+from bot.errors import BotError
+from bot.settings import DiscordSettings
+
+log = logging.getLogger("bot.discord.commands")
+
+NOT_ALLOWED_HERE = "I'm not set up to answer here."
+NO_ATTACHMENTS = "That message has no attachments I could look at."
+ASK_ABOUT_IMAGE = "Ask about this image"
+
+
+class Serving(Protocol):
+    """What commands need from the client that received the interaction."""
+
+    @property
+    def service(self) -> AnswerService: ...
+
+    @property
+    def discord_settings(self) -> DiscordSettings: ...
+
+
+class GuardedCommandTree(app_commands.CommandTree):
+    """A command tree that applies the allow-lists and answers every failure ephemerally."""
+
+    async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
+        return is_allowed(
+            _serving(interaction).discord_settings,
+            user=interaction.user,
+            guild_id=interaction.guild_id,
+            channel=_messageable(interaction),
+            channel_id=interaction.channel_id or 0,
+        )
+
+    async def on_error(
+        self, interaction: discord.Interaction, error: app_commands.AppCommandError, /
+    ) -> None:
+        if isinstance(error, app_commands.CheckFailure):
+            await _report(interaction, NOT_ALLOWED_HERE)
+            return
+        log.error("command %s failed", interaction.command and interaction.command.name, exc_info=error)
+        await _report(interaction, GENERIC_FAILURE)
+
+
+def build_commands() -> list[app_commands.Command | app_commands.ContextMenu]:
+    """Fresh command objects for one command tree."""
+
+    @app_commands.command(name="ask", description="Ask me about an image (or anything) in this conversation.")
+    @app_commands.describe(question="What you want to know", image="An image to look at")
+    async def ask(
+        interaction: discord.Interaction, question: str, image: discord.Attachment | None = None
+    ) -> None:
+        await interaction.response.defer(thinking=True)
+        await _answer(interaction, question, [image] if image is not None else [])
+
+    @app_commands.command(name="reset", description="Forget this channel's (or thread's) conversation.")
+    async def reset(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True)
+        async with _reporting_failures(interaction):
+            result = await _serving(interaction).service.reset(_scope(interaction))
+            if result.messages_deleted == 0:
+                text = "There was nothing to forget here."
+            else:
+                messages = _count(result.messages_deleted, "message")
+                images = _count(result.media_deleted, "image")
+                text = f"🧹 I forgot this {_place(interaction)}'s conversation: {messages} and {images}."
+            await interaction.edit_original_response(content=text)
+
+    @app_commands.command(name="history", description="How much of this conversation I remember.")
+    async def history(interaction: discord.Interaction) -> None:
+        await interaction.response.defer(thinking=True, ephemeral=True)
+        async with _reporting_failures(interaction, ephemeral_deferral=True):
+            stats = await _serving(interaction).service.stats(_scope(interaction))
+            if stats.turns == 0:
+                text = f"I have no conversation in this {_place(interaction)} yet."
+            else:
+                text = (
+                    f"In this {_place(interaction)} I remember {_count(stats.turns, 'turn')} "
+                    f"and {_count(stats.images, 'image')}."
+                )
+            await interaction.edit_original_response(content=text)
+
+    @app_commands.context_menu(name=ASK_ABOUT_IMAGE)
+    async def ask_about_image(interaction: discord.Interaction, message: discord.Message) -> None:
+        await interaction.response.defer(thinking=True)
+        if not message.attachments:
+            await _fail(interaction, NO_ATTACHMENTS, ephemeral_deferral=False)
+            return
+        await _answer(interaction, DEFAULT_IMAGE_QUESTION, message.attachments)
+
+    return [ask, reset, history, ask_about_image]
+
+
+async def _answer(interaction: discord.Interaction, text: str, attachments: list[discord.Attachment]) -> None:
+    bot = _serving(interaction)
+    async with _reporting_failures(interaction):
+        scope = _scope(interaction)
+        question = Question(
+            scope=scope,
+            text=text,
+            attachments=attachment_refs(attachments),
+            discord_message_id=interaction.id,  # a snowflake too: a re-delivered interaction is answered once
+            thread_origin=await thread_origin(bot.service, scope),
+        )
+
+        async def present_error(reply: StreamingReply, message: str) -> None:
+            await reply.finish("")
+            await _fail(interaction, message, ephemeral_deferral=False)
+
+        await deliver(
+            bot.service,
+            question,
+            InteractionTarget(interaction, _messageable(interaction)),
+            interval=bot.discord_settings.stream_edit_interval_seconds,
+            present_error=present_error,
+        )
+
+
+@asynccontextmanager
+async def _reporting_failures(
+    interaction: discord.Interaction, *, ephemeral_deferral: bool = False
+) -> AsyncIterator[None]:
+    try:
+        yield
+    except BotError as exc:
+        log.info("command %s failed: %r", interaction.command and interaction.command.name, exc)
+        await _fail(interaction, exc.user_message, ephemeral_deferral=ephemeral_deferral)
+    except discord.HTTPException as exc:
+        log.warning("Discord refused a command reply (HTTP %s): %s", exc.status, exc.text)
+    except Exception:
+        log.exception("command %s failed", interaction.command and interaction.command.name)
+        await _fail(interaction, GENERIC_FAILURE, ephemeral_deferral=ephemeral_deferral)
+
+
+async def _fail(interaction: discord.Interaction, text: str, *, ephemeral_deferral: bool) -> None:
+    """Show `text` only to the user: in the ephemeral deferred response, or instead of a public one."""
+    try:
+        if ephemeral_deferral:
+            await interaction.edit_original_response(content=text)
+            return
+        with suppress(discord.NotFound):
+            await interaction.delete_original_response()
+        await interaction.followup.send(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("could not report a failure to the user (HTTP %s): %s", exc.status, exc.text)
+
+
+async def _report(interaction: discord.Interaction, text: str) -> None:
+    if interaction.response.is_done():
+        await _fail(interaction, text, ephemeral_deferral=False)
+        return
+    try:
+        await interaction.response.send_message(text, ephemeral=True)
+    except discord.HTTPException as exc:
+        log.warning("could not report a failure to the user (HTTP %s): %s", exc.status, exc.text)
+
+
+def _serving(interaction: discord.Interaction) -> Serving:
+    return cast(Serving, interaction.client)
+
+
+def _messageable(interaction: discord.Interaction) -> discord.abc.Messageable | None:
+    channel = interaction.channel
+    return channel if isinstance(channel, discord.abc.Messageable) else None
+
+
+def _scope(interaction: discord.Interaction) -> ConversationScope:
+    return scope_of(_messageable(interaction), interaction.guild_id, interaction.channel_id or 0)
+
+
+def _place(interaction: discord.Interaction) -> str:
+    return "thread" if isinstance(interaction.channel, discord.Thread) else "channel"
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

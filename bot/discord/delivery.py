@@ -1,0 +1,88 @@
+"""One question through the answering service onto Discord, shared by messages and slash commands.
+
+Every outcome reaches the user: the streamed answer, a `BotError`'s own sentence, or a generic sentence for
+an unexpected failure (logged with its traceback). Discord HTTP errors while replying are logged here and
+never propagate into discord.py's gateway loop.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import AsyncExitStack
+
+import discord
+
+from bot.answering import AnswerService, Question, ThreadOrigin
+from bot.content import ConversationScope
+from bot.discord.replies import ReplyTarget, StreamingReply
+from bot.discord.triggers import parent_scope
+from bot.errors import BotError
+
+log = logging.getLogger("bot.discord.delivery")
+
+GENERIC_FAILURE = BotError.user_message
+
+# Shows an error sentence in place of the reply; the default replaces whatever the reply showed.
+ErrorPresenter = Callable[[StreamingReply, str], Awaitable[None]]
+
+
+async def _replace_reply(reply: StreamingReply, text: str) -> None:
+    await reply.finish(text)
+
+
+async def thread_origin(service: AnswerService, scope: ConversationScope) -> ThreadOrigin | None:
+    """For a thread the bot has no conversation in yet: where to fork the parent's history from.
+
+    A thread started from a message has that message's id as its own id, so the thread id is the starter id.
+    """
+    if scope.thread_id is None or await service.has_conversation(scope):
+        return None
+    return ThreadOrigin(parent_scope(scope), starter_message_id=scope.thread_id)
+
+
+async def deliver(
+    service: AnswerService,
+    question: Question,
+    target: ReplyTarget,
+    *,
+    interval: float,
+    typing_in: discord.abc.Messageable | None = None,
+    present_error: ErrorPresenter = _replace_reply,
+) -> None:
+    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer."""
+    async with AsyncExitStack() as stack:
+        if typing_in is not None:
+            await _start_typing(stack, typing_in)
+        reply = await stack.enter_async_context(StreamingReply(target, interval=interval))
+        try:
+            answer = await service.answer(
+                question, on_text=reply.on_text, on_queue_position=reply.on_queue_position
+            )
+        except BotError as exc:
+            log.info("could not answer in %s: %r", question.scope.key, exc)
+            await present_error(reply, exc.user_message)
+            return
+        except Exception:
+            log.exception("unexpected failure while answering in %s", question.scope.key)
+            await present_error(reply, GENERIC_FAILURE)
+            return
+        if answer.duplicate:
+            log.info("message %s in %s was already answered", question.discord_message_id, question.scope.key)
+            await reply.finish("")
+            return
+        messages = await reply.finish(answer.text)
+        if not messages:
+            log.warning("the answer in %s could not be posted", question.scope.key)
+            return
+        try:
+            await service.attach_reply(answer, messages[0].id)
+        except BotError as exc:  # the answer is visible; only the thread-fork link is lost
+            log.warning("could not link reply %s to its stored answer: %r", messages[0].id, exc)
+
+
+async def _start_typing(stack: AsyncExitStack, channel: discord.abc.Messageable) -> None:
+    try:
+        await stack.enter_async_context(channel.typing())
+    except discord.HTTPException as exc:
+        log.warning("could not show the typing indicator (HTTP %s)", exc.status)

@@ -1,0 +1,150 @@
+"""Messages → questions: decide whether a message is for the bot, then answer it as a reply.
+
+A message is for the bot when it mentions the bot, replies to one of the bot's messages, arrives in a thread
+whose conversation the bot is part of (if configured), or is a DM (if allowed). Bots and everything outside
+the allow-lists are ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import discord
+
+from bot.answering import AnswerService, Question, ThreadOrigin
+from bot.discord.delivery import deliver, thread_origin
+from bot.discord.replies import ChannelTarget
+from bot.discord.triggers import attachment_refs, is_allowed, scope_of, strip_mention
+from bot.settings import DiscordSettings
+
+log = logging.getLogger("bot.discord.messages")
+
+THREAD_NAME_LENGTH = 80
+_ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
+
+
+class MessageHandler:
+    """Turns the client's `on_message` events into answered questions."""
+
+    def __init__(self, client: discord.Client, service: AnswerService, settings: DiscordSettings) -> None:
+        self._client = client
+        self._service = service
+        self._settings = settings
+        self._warned_empty_content = False
+
+    async def handle(self, message: discord.Message) -> None:
+        """Answer `message` if it is for the bot; never raises."""
+        try:
+            await self._handle(message)
+        except Exception:
+            log.exception("failed to handle message %s in channel %s", message.id, message.channel.id)
+
+    async def _handle(self, message: discord.Message) -> None:
+        me = self._client.user
+        if me is None or message.author.bot or message.type not in _ANSWERED_TYPES:
+            return
+        guild_id = message.guild.id if message.guild is not None else None
+        channel = await self._resolve_channel(message)
+        if not is_allowed(
+            self._settings,
+            user=message.author,
+            guild_id=guild_id,
+            channel=channel,
+            channel_id=message.channel.id,
+        ):
+            return
+        self._warn_if_content_missing(message)
+        mentioned = me.id in message.raw_mentions or any(user.id == me.id for user in message.mentions)
+        referenced = await self._referenced_message(message)
+        scope = scope_of(channel, guild_id, message.channel.id)
+        in_bot_thread = (
+            scope.thread_id is not None
+            and self._settings.answer_in_bot_threads_without_mention
+            and await self._service.has_conversation(scope)
+        )
+        triggered = (
+            mentioned
+            or (referenced is not None and referenced.author.id == me.id)
+            or in_bot_thread
+            or guild_id is None
+        )
+        if not triggered:
+            return
+
+        attachments = message.attachments or (referenced.attachments if referenced is not None else [])
+        origin = None if in_bot_thread else await thread_origin(self._service, scope)
+        reply_channel: discord.abc.Messageable = channel
+        reference: discord.Message | None = message
+        if self._settings.answer_in_new_thread and scope.thread_id is None and guild_id is not None:
+            thread = await self._open_thread(message)
+            if thread is not None:
+                reply_channel, reference = thread, None
+                origin = ThreadOrigin(scope, starter_message_id=message.id)
+                scope = scope_of(thread, guild_id, thread.id)
+        question = Question(
+            scope=scope,
+            text=strip_mention(message.content, me.id),
+            attachments=attachment_refs(attachments),
+            discord_message_id=message.id,
+            thread_origin=origin,
+        )
+        log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
+        await deliver(
+            self._service,
+            question,
+            ChannelTarget(reply_channel, reference),
+            interval=self._settings.stream_edit_interval_seconds,
+            typing_in=reply_channel,
+        )
+
+    async def _resolve_channel(self, message: discord.Message) -> discord.abc.Messageable:
+        """The message's channel as a full object; a thread missing from the cache is fetched once."""
+        channel = message.channel
+        if message.guild is not None and isinstance(channel, discord.PartialMessageable):
+            try:
+                fetched = await self._client.fetch_channel(channel.id)
+            except discord.HTTPException as exc:
+                log.warning("could not fetch channel %s (HTTP %s)", channel.id, exc.status)
+                return channel
+            if isinstance(fetched, discord.abc.Messageable):
+                return fetched
+        return channel
+
+    async def _referenced_message(self, message: discord.Message) -> discord.Message | None:
+        """The message this one replies to, from the event, the cache or the API."""
+        reference = message.reference
+        if reference is None or reference.message_id is None:
+            return None
+        if isinstance(reference.resolved, discord.Message):
+            return reference.resolved
+        if reference.cached_message is not None:
+            return reference.cached_message
+        channel = self._client.get_channel(reference.channel_id) or message.channel
+        if not isinstance(channel, discord.abc.Messageable):
+            return None
+        try:
+            return await channel.fetch_message(reference.message_id)
+        except discord.HTTPException as exc:
+            log.info("could not fetch replied-to message %s (HTTP %s)", reference.message_id, exc.status)
+            return None
+
+    async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
+        name = strip_mention(message.content, self._client.user.id if self._client.user else 0)
+        try:
+            return await message.create_thread(name=(name or "Question")[:THREAD_NAME_LENGTH])
+        except discord.HTTPException as exc:
+            log.warning(
+                "could not open a thread for message %s (HTTP %s); answering inline", message.id, exc.status
+            )
+            return None
+
+    def _warn_if_content_missing(self, message: discord.Message) -> None:
+        if self._warned_empty_content or message.guild is None:
+            return
+        if message.content or message.attachments or message.embeds or message.stickers:
+            return
+        self._warned_empty_content = True
+        log.warning(
+            "a message for the bot arrived with no text and no attachments: if this repeats, switch on the "
+            "MESSAGE CONTENT intent for this bot in the Discord Developer Portal"
+        )

@@ -1,0 +1,210 @@
+"""An answer's messages on Discord: a queue placeholder, throttled streaming edits, the final split text.
+
+`StreamingReply` receives the service's callbacks (text deltas, queue position) on the event loop and renders
+them through a `ReplyTarget`: a channel (the reply to a user's message) or an interaction's follow-ups. One
+pump task does all the HTTP work, at most one round of edits per `interval` seconds: deltas that arrive in
+between are merged into the next round, so a long answer costs a handful of edits, never one per token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from types import TracebackType
+from typing import Protocol, Self
+
+import discord
+
+from bot.discord.chunking import split_message
+
+log = logging.getLogger("bot.discord.replies")
+
+# An interaction token lives 15 minutes; stop using it a little early so a slow request does not straddle it.
+TOKEN_SAFETY_MARGIN = timedelta(seconds=30)
+ANSWERING_NOW = "✍️ Answering now…"
+_HasPartialMessages = (
+    discord.TextChannel
+    | discord.Thread
+    | discord.DMChannel
+    | discord.VoiceChannel
+    | discord.PartialMessageable
+)
+
+
+def queue_text(ahead: int) -> str:
+    """The placeholder shown while a question waits behind `ahead` others."""
+    noun = "question" if ahead == 1 else "questions"
+    return f"⏳ {ahead} {noun} ahead of yours…"
+
+
+class ReplyTarget(Protocol):
+    """Where an answer's messages go."""
+
+    async def send(self, content: str, *, first: bool) -> discord.Message: ...
+
+    async def edit(self, message: discord.Message, content: str) -> None: ...
+
+    async def delete(self, message: discord.Message) -> None: ...
+
+
+class ChannelTarget:
+    """Messages in a channel; the first one replies to `reference` (the user's message) when given."""
+
+    def __init__(self, channel: discord.abc.Messageable, reference: discord.Message | None = None) -> None:
+        self._channel = channel
+        self._reference = reference
+
+    async def send(self, content: str, *, first: bool) -> discord.Message:
+        if first and self._reference is not None:
+            reference = self._reference.to_reference(fail_if_not_exists=False)
+            return await self._channel.send(content, reference=reference)
+        return await self._channel.send(content)
+
+    async def edit(self, message: discord.Message, content: str) -> None:
+        await message.edit(content=content)
+
+    async def delete(self, message: discord.Message) -> None:
+        await message.delete()
+
+
+class InteractionTarget:
+    """A deferred interaction's answer: the deferred response is the first message, follow-ups the rest.
+
+    Once the interaction token is (nearly) expired, new messages go to `channel` as normal messages and edits
+    go through the channel's message endpoint, which needs no token.
+    """
+
+    def __init__(self, interaction: discord.Interaction, channel: discord.abc.Messageable | None) -> None:
+        self._interaction = interaction
+        self._channel = channel
+        self._original_id: int | None = None
+
+    def _token_usable(self) -> bool:
+        deadline = self._interaction.expires_at - TOKEN_SAFETY_MARGIN
+        return self._channel is None or discord.utils.utcnow() < deadline
+
+    async def send(self, content: str, *, first: bool) -> discord.Message:
+        if self._token_usable():
+            if first:
+                message = await self._interaction.edit_original_response(content=content)
+                self._original_id = message.id
+                return message
+            return await self._interaction.followup.send(content, wait=True)
+        assert self._channel is not None
+        log.info("interaction %s expired; answering with a normal message", self._interaction.id)
+        return await self._channel.send(content)
+
+    async def edit(self, message: discord.Message, content: str) -> None:
+        if self._token_usable():
+            await message.edit(content=content)
+        else:
+            await self._partial(message).edit(content=content)
+
+    async def delete(self, message: discord.Message) -> None:
+        if message.id == self._original_id and self._token_usable():
+            await self._interaction.delete_original_response()
+        elif self._token_usable():
+            await message.delete()
+        else:
+            await self._partial(message).delete()
+
+    def _partial(self, message: discord.Message) -> discord.PartialMessage:
+        channel = self._channel
+        assert isinstance(channel, _HasPartialMessages)
+        return channel.get_partial_message(message.id)
+
+
+class StreamingReply:
+    """Renders one answer as it streams; use as `async with`, feed the callbacks, then `finish(text)`."""
+
+    def __init__(self, target: ReplyTarget, *, interval: float) -> None:
+        self._target = target
+        self._interval = interval
+        self._text = ""
+        self._status: str | None = None
+        self._final = False
+        self._messages: list[discord.Message] = []
+        self._shown: list[str] = []
+        self._wake = asyncio.Event()
+        self._next_round = 0.0
+        self._pump_task: asyncio.Task[None] | None = None
+
+    @property
+    def messages(self) -> list[discord.Message]:
+        """The messages currently showing this answer, in order."""
+        return list(self._messages)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if self._pump_task is not None and not self._pump_task.done():
+            self._pump_task.cancel()
+
+    def on_text(self, delta: str) -> None:
+        """A new piece of the answer; shown at the next edit round."""
+        if delta and not self._final:
+            self._text += delta
+            self._poke()
+
+    def on_queue_position(self, ahead: int) -> None:
+        """The number of questions ahead; a placeholder shows it until the first text arrives."""
+        if self._text or self._final:
+            return
+        status = queue_text(ahead) if ahead > 0 else (ANSWERING_NOW if self._status else None)
+        if status != self._status:
+            self._status = status
+            self._poke()
+
+    async def finish(self, text: str) -> list[discord.Message]:
+        """Show `text` as the whole reply (split as needed; "" removes the reply) and return its messages."""
+        self._text = text
+        self._final = True
+        self._poke()
+        assert self._pump_task is not None
+        await self._pump_task
+        return self.messages
+
+    def _poke(self) -> None:
+        if self._pump_task is None:
+            self._pump_task = asyncio.get_running_loop().create_task(self._pump())
+        self._wake.set()
+
+    async def _pump(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._wake.wait()
+            delay = self._next_round - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)  # updates arriving meanwhile are merged into this round
+            self._wake.clear()
+            final = self._final
+            await self._render(final=final)
+            self._next_round = loop.time() + self._interval
+            if final:
+                return
+
+    async def _render(self, *, final: bool) -> None:
+        if final or self._text.strip():
+            wanted = split_message(self._text)
+        else:
+            wanted = [self._status] if self._status else []
+        try:
+            for index, content in enumerate(wanted):
+                if index < len(self._messages):
+                    if self._shown[index] != content:
+                        await self._target.edit(self._messages[index], content)
+                        self._shown[index] = content
+                else:
+                    self._messages.append(await self._target.send(content, first=index == 0))
+                    self._shown.append(content)
+            if final:
+                while len(self._messages) > len(wanted):
+                    await self._target.delete(self._messages[-1])
+                    del self._messages[-1], self._shown[-1]
+        except discord.HTTPException as exc:
+            # A failed edit must not kill the stream: the next round (or the final one) tries again.
+            log.warning("could not update a reply (HTTP %s): %s", exc.status, exc.text)

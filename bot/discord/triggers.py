@@ -1,0 +1,69 @@
+"""Small pure decisions about Discord objects: who may talk to the bot, which conversation, what was asked."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import discord
+
+from bot.answering import AttachmentRef
+from bot.content import ConversationScope
+from bot.settings import DiscordSettings
+
+
+def scope_of(
+    channel: discord.abc.Messageable | None, guild_id: int | None, channel_id: int
+) -> ConversationScope:
+    """The conversation a channel holds; a thread's scope names its parent channel and itself."""
+    if isinstance(channel, discord.Thread) and channel.parent_id is not None:
+        return ConversationScope(
+            "discord", channel_id=channel.parent_id, guild_id=guild_id, thread_id=channel.id
+        )
+    return ConversationScope("discord", channel_id=channel_id, guild_id=guild_id)
+
+
+def parent_scope(scope: ConversationScope) -> ConversationScope:
+    """The scope of the channel a thread scope belongs to."""
+    return dataclasses.replace(scope, thread_id=None)
+
+
+def strip_mention(text: str, user_id: int) -> str:
+    """`text` without mentions of `user_id` (both `<@id>` and the legacy nickname form `<@!id>`)."""
+    return re.sub(rf"<@!?{user_id}>", " ", text).strip()
+
+
+def attachment_refs(attachments: list[discord.Attachment]) -> tuple[AttachmentRef, ...]:
+    """What the answering service needs to download each attachment."""
+    return tuple(
+        AttachmentRef(url=item.url, filename=item.filename, size=item.size, content_type=item.content_type)
+        for item in attachments
+    )
+
+
+def is_allowed(
+    settings: DiscordSettings,
+    *,
+    user: discord.User | discord.Member,
+    guild_id: int | None,
+    channel: discord.abc.Messageable | None,
+    channel_id: int,
+) -> bool:
+    """Whether the allow-lists let `user` talk to the bot here (an empty list allows everything)."""
+    if settings.allowed_user_ids and user.id not in settings.allowed_user_ids:
+        return False
+    if guild_id is None:
+        return settings.allow_dms
+    if settings.allowed_guild_ids and guild_id not in settings.allowed_guild_ids:
+        return False
+    if settings.allowed_channel_ids:
+        channel_ids = {channel_id}
+        if isinstance(channel, discord.Thread) and channel.parent_id is not None:
+            channel_ids.add(channel.parent_id)
+        if channel_ids.isdisjoint(settings.allowed_channel_ids):
+            return False
+    if settings.allowed_role_ids:
+        roles = {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
+        if roles.isdisjoint(settings.allowed_role_ids):
+            return False
+    return True

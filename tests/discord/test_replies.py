@@ -1,0 +1,153 @@
+"""Streaming replies: placeholder, throttled merged edits, final split text, failures that do not stop it."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+
+import discord
+import pytest
+
+from bot.discord.replies import ANSWERING_NOW, StreamingReply, queue_text
+
+INTERVAL = 0.05
+
+
+@dataclass
+class _Sent:
+    id: int
+
+
+@dataclass
+class _RecordingTarget:
+    """A ReplyTarget that records (time, op, message id, content)."""
+
+    fail_edits: int = 0
+    ops: list[tuple[float, str, int, str]] = field(default_factory=list)
+    contents: dict[int, str] = field(default_factory=dict)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def _record(self, op: str, message_id: int, content: str) -> None:
+        self.ops.append((asyncio.get_running_loop().time(), op, message_id, content))
+
+    async def send(self, content: str, *, first: bool) -> _Sent:
+        message = _Sent(next(self._ids))
+        self.contents[message.id] = content
+        self._record("send-first" if first else "send", message.id, content)
+        return message
+
+    async def edit(self, message: _Sent, content: str) -> None:
+        if self.fail_edits:
+            self.fail_edits -= 1
+            raise discord.HTTPException(_FakeResponse(), "rate limited")
+        self.contents[message.id] = content
+        self._record("edit", message.id, content)
+
+    async def delete(self, message: _Sent) -> None:
+        del self.contents[message.id]
+        self._record("delete", message.id, "")
+
+
+class _FakeResponse:
+    status = 500
+    reason = "Server Error"
+
+
+def test_queue_text_counts_questions() -> None:
+    assert queue_text(1) == "⏳ 1 question ahead of yours…"
+    assert queue_text(3) == "⏳ 3 questions ahead of yours…"
+
+
+async def test_deltas_are_merged_into_throttled_edits() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        words = [f"w{i} " for i in range(200)]
+        for word in words:
+            reply.on_text(word)
+            await asyncio.sleep(0.001)
+        messages = await reply.finish("".join(words).strip())
+    assert [target.contents[m.id] for m in messages] == ["".join(words).strip()]
+    assert target.ops[0][1] == "send-first" and target.ops[0][3].startswith("w0")
+    edits = [op for op in target.ops if op[1] == "edit"]
+    assert 1 <= len(edits) < 20, "edits must be merged, never one per delta"
+    times = [op[0] for op in target.ops]
+    assert all(b - a >= INTERVAL * 0.9 for a, b in itertools.pairwise(times))
+
+
+async def test_queue_placeholder_is_updated_then_replaced_by_text() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_queue_position(2)
+        await asyncio.sleep(INTERVAL * 2)
+        reply.on_queue_position(1)
+        await asyncio.sleep(INTERVAL * 2)
+        reply.on_queue_position(0)
+        await asyncio.sleep(INTERVAL * 2)
+        reply.on_text("The answer.")
+        await reply.finish("The answer.")
+    shown = [(op, content) for _, op, _, content in target.ops]
+    assert shown == [
+        ("send-first", queue_text(2)),
+        ("edit", queue_text(1)),
+        ("edit", ANSWERING_NOW),
+        ("edit", "The answer."),
+    ]
+
+
+async def test_position_zero_without_placeholder_sends_nothing() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_queue_position(0)
+        await asyncio.sleep(INTERVAL)
+        assert target.ops == []
+        await reply.finish("Done.")
+    assert [op[1] for op in target.ops] == ["send-first"]
+
+
+async def test_long_answer_becomes_several_messages_the_first_a_reply() -> None:
+    target = _RecordingTarget()
+    text = "\n\n".join(f"Paragraph {i}. " + "lorem ipsum " * 60 for i in range(8))
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_text(text[:1500])
+        await asyncio.sleep(INTERVAL / 2)
+        messages = await reply.finish(text)
+    contents = [target.contents[m.id] for m in messages]
+    assert len(contents) >= 3
+    assert all(len(content) <= 2000 for content in contents)
+    assert contents[0].startswith("Paragraph 0.")
+    assert [op[1] for op in target.ops].count("send-first") == 1
+
+
+async def test_finishing_with_nothing_removes_what_was_shown() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_queue_position(4)
+        await asyncio.sleep(INTERVAL / 2)
+        assert await reply.finish("") == []
+    assert target.contents == {}
+
+
+async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    target = _RecordingTarget(fail_edits=1)
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_text("Par")
+        await asyncio.sleep(INTERVAL / 2)
+        reply.on_text("tial")
+        await asyncio.sleep(INTERVAL * 2)
+        messages = await reply.finish("Partial and complete.")
+    assert [target.contents[m.id] for m in messages] == ["Partial and complete."]
+    assert "could not update a reply" in caplog.text
+
+
+async def test_leaving_early_stops_the_pump() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=10) as reply:
+        reply.on_text("first")
+        await asyncio.sleep(0.01)
+        reply.on_text(" second")
+        await asyncio.sleep(0.01)
+    await asyncio.sleep(0.05)
+    assert [op[1] for op in target.ops] == ["send-first"], "no edit after the reply was abandoned"
