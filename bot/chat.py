@@ -40,9 +40,10 @@ async def run_chat(
     images: list[Path],
     conversation: str,
     reset: bool,
-    out: TextIO = sys.stdout,
+    out: TextIO | None = None,
 ) -> int:
     """Answer one question (when given) or run an interactive session; return the exit status."""
+    out = out or sys.stdout
     scope = conversation_scope(conversation)
     async with running_service(settings) as service:
         if reset:
@@ -62,7 +63,7 @@ async def _ask(
         answer = await service.answer(
             Question(scope=scope, text=text, local_files=tuple(images)),
             on_text=_printer(out, streamed),
-            on_queue_position=lambda ahead: print(f"[{ahead} ahead of you]", file=out, flush=True),
+            on_queue_position=_position_printer(out),
         )
     except BotError as exc:
         print(f"\n{exc.user_message}", file=out)
@@ -71,6 +72,14 @@ async def _ask(
         print(answer.text, end="", file=out)
     print(file=out, flush=True)
     return 0
+
+
+def _position_printer(out: TextIO) -> Callable[[int], None]:
+    def print_position(ahead: int) -> None:
+        if ahead > 0:
+            print(f"[{ahead} question(s) ahead of yours]", file=out, flush=True)
+
+    return print_position
 
 
 def _printer(out: TextIO, streamed: list[str]) -> Callable[[str], None]:

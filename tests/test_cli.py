@@ -1,0 +1,93 @@
+"""The command line: help, config errors, migrations, and `chat` answering with the tiny model."""
+
+from __future__ import annotations
+
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from bot.__main__ import main
+
+
+def _config(tmp_path: Path, model_dir: Path) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f"""
+[model]
+name_or_path = "{model_dir.as_posix()}"
+device_map = "cpu"
+dtype = "float32"
+local_files_only = true
+
+[generation]
+max_new_tokens = 5
+do_sample = false
+
+[storage]
+data_dir = "{(tmp_path / "data").as_posix()}"
+"""
+    )
+    return path
+
+
+def test_help_lists_the_subcommands() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "bot", "--help"], capture_output=True, text=True, check=True
+    )
+    for command in ("run", "chat", "db", "make-tiny-model", "sync-commands"):
+        assert command in result.stdout
+
+
+def test_a_wrong_config_fails_at_start_naming_the_key(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[vision]\nmax_pixles = 5\n[model]\ndtype = "fp8"\n')
+    assert main(["--config", str(config), "db", "upgrade"]) == 2
+    error = capsys.readouterr().err
+    assert "vision.max_pixles: unknown key" in error
+    assert "model.dtype: Input should be" in error
+
+
+def test_db_upgrade_creates_the_schema(tmp_path: Path, tiny_model_dir: Path) -> None:
+    assert main(["--config", str(_config(tmp_path, tiny_model_dir)), "db", "upgrade"]) == 0
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"conversations", "messages", "alembic_version"} <= tables
+
+
+def test_chat_answers_and_remembers(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = str(_config(tmp_path, tiny_model_dir))
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "blue").save(photo)
+    assert main(["--config", config, "chat", "--image", str(photo), "What is this?"]) == 0
+    first = capsys.readouterr().out.strip()
+    assert first
+    assert main(["--config", config, "chat", "And now?"]) == 0
+    capsys.readouterr()
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        roles = [row[0] for row in db.execute("SELECT role FROM messages ORDER BY id")]
+    assert roles == ["user", "assistant", "user", "assistant"]
+    assert main(["--config", config, "chat", "--reset", "--model", str(tiny_model_dir), "Fresh start"]) == 0
+    assert "Forgot 2 turns." in capsys.readouterr().out
+
+
+def test_chat_reports_a_bad_image_clearly(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    not_an_image = tmp_path / "notes.png"
+    not_an_image.write_text("hello")
+    config = str(_config(tmp_path, tiny_model_dir))
+    assert main(["--config", config, "chat", "--image", str(not_an_image), "What is this?"]) == 1
+    assert "isn't an image I can read" in capsys.readouterr().out
+
+
+def test_make_tiny_model(tmp_path: Path) -> None:
+    assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
+    assert (tmp_path / "tiny" / "config.json").is_file()
