@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +22,6 @@ from transformers.generation.streamers import BaseStreamer
 
 from bot.engine.vision_cache import VisionCache, cached_image_features
 
-log = logging.getLogger(__name__)
-
 _VISION_KEYS = ("image", "image_url", "video")
 
 
@@ -34,7 +31,8 @@ class PipelineRequest:
 
     messages: list[dict]  # Qwen messages list (roles, content part lists)
     generate_kwargs: dict[str, object]  # options for generate(); batch only requests with equal kwargs
-    on_text: Callable[[str], None] | None = None  # called on the worker thread with each new text delta
+    # Called on the worker thread with each new text delta; whatever it raises aborts the whole generate call.
+    on_text: Callable[[str], None] | None = None
 
 
 @dataclass
@@ -48,11 +46,10 @@ class PipelineOutput:
 
 @dataclass
 class PreparedBatch:
-    """The processor's output for a batch (on CPU), the prompt texts and one cache key per image."""
+    """The processor's output for a batch (on CPU) and the prompt texts it was made from."""
 
     inputs: BatchFeature
     prompt_texts: list[str]
-    image_keys: list[str]
 
 
 class Pipeline:
@@ -109,20 +106,23 @@ class Pipeline:
             return_tensors="pt",
             **processor_kwargs,
         )
-        return PreparedBatch(inputs=inputs, prompt_texts=texts, image_keys=_image_keys(inputs))
+        return PreparedBatch(inputs=inputs, prompt_texts=texts)
 
     def run_batch(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> list[PipelineOutput]:
         """Answer every request with one `generate` call; all requests must share the same generate_kwargs."""
         if not requests:
             return []
+        if any(request.generate_kwargs != requests[0].generate_kwargs for request in requests):
+            raise ValueError("requests in one batch must share the same generate_kwargs")
         generate_kwargs = {k: v for k, v in requests[0].generate_kwargs.items() if v is not None}
         prepared = self.prepare(requests, pixel_scale=pixel_scale)
+        vision_cache = self._vision_cache(prepared.inputs)  # hashes the pixels while they are on the CPU
         inputs = prepared.inputs.to(self.model.device)
         if any(request.on_text is not None for request in requests):
             generate_kwargs["streamer"] = _BatchStreamer(
                 self.processor.tokenizer, [request.on_text for request in requests], self._eos_ids
             )
-        with torch.inference_mode(), self._vision_cache(prepared.image_keys):
+        with torch.inference_mode(), vision_cache:
             generated = self.model.generate(**inputs, **generate_kwargs)
         prompt_width = inputs["input_ids"].shape[1]
         rows = [self._answer_ids(row[prompt_width:].tolist()) for row in generated]
@@ -135,10 +135,10 @@ class Pipeline:
             for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)
         ]
 
-    def _vision_cache(self, image_keys: list[str]) -> Any:
-        if self.vision_cache is None or not image_keys:
+    def _vision_cache(self, inputs: BatchFeature) -> contextlib.AbstractContextManager[None]:
+        if self.vision_cache is None or inputs.get("pixel_values") is None:
             return contextlib.nullcontext()
-        return cached_image_features(self.model, self.vision_cache, image_keys)
+        return cached_image_features(self.model, self.vision_cache, _image_keys(inputs))
 
     def _answer_ids(self, ids: list[int]) -> list[int]:
         for index, token_id in enumerate(ids):
@@ -188,10 +188,8 @@ class Pipeline:
 
 def _image_keys(inputs: BatchFeature) -> list[str]:
     """One content key per image: a hash of its pixel values and its grid."""
-    pixel_values = inputs.get("pixel_values")
-    grid = inputs.get("image_grid_thw")
-    if pixel_values is None or grid is None:
-        return []
+    pixel_values = inputs["pixel_values"].cpu()
+    grid = inputs["image_grid_thw"].cpu()
     sizes = grid.prod(dim=-1).tolist()
     keys = []
     for chunk, thw in zip(torch.split(pixel_values, sizes), grid.tolist(), strict=True):

@@ -86,6 +86,27 @@ def test_streamed_deltas_add_up_to_each_final_text(pipeline: Pipeline, images: l
         assert all(row)
 
 
+def test_an_exception_from_a_listener_aborts_the_batch(pipeline: Pipeline) -> None:
+    received: list[str] = []
+
+    def stop(delta: str) -> None:
+        received.append(delta)
+        raise LookupError("stop here")
+
+    with pytest.raises(LookupError, match="stop here"):
+        pipeline.run_batch([PipelineRequest([_user("Hi")], dict(GREEDY), on_text=stop)])
+    assert len(received) == 1
+
+
+def test_a_batch_needs_one_set_of_options(pipeline: Pipeline) -> None:
+    requests = [
+        PipelineRequest([_user("Hi")], dict(GREEDY)),
+        PipelineRequest([_user("Hi")], {"max_new_tokens": 3}),
+    ]
+    with pytest.raises(ValueError, match="same generate_kwargs"):
+        pipeline.run_batch(requests)
+
+
 def test_unset_options_keep_the_model_defaults(pipeline: Pipeline) -> None:
     default_max = pipeline.model.generation_config.max_new_tokens
     request = PipelineRequest([_user("Hi")], {"max_new_tokens": None, "do_sample": None})
