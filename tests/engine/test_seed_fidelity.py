@@ -85,6 +85,8 @@ def test_pipeline_matches_seed_notebook_turn_by_turn(
     follow_ups = ["What are on the right and in the middle of the picture?", "And the colours?"]
 
     for turn, generate_kwargs in enumerate([GREEDY, GREEDY, SAMPLING]):
+        if turn > 0:
+            messages.append({"role": "user", "content": [{"type": "text", "text": follow_ups[turn - 1]}]})
         request = PipelineRequest(messages=copy.deepcopy(messages), generate_kwargs=dict(generate_kwargs))
         torch.manual_seed(turn)
         seed_text, seed_inputs, seed_ids, output_text = _seed_turn(
@@ -105,6 +107,5 @@ def test_pipeline_matches_seed_notebook_turn_by_turn(
         assert output.text == output_text[0]
         assert output.prompt_tokens == seed_inputs["input_ids"].shape[1]
 
+        assert len(output.token_ids) > 0
         messages.append({"role": "assistant", "content": [{"type": "text", "text": output_text[0]}]})
-        if turn < len(follow_ups):
-            messages.append({"role": "user", "content": [{"type": "text", "text": follow_ups[turn]}]})
