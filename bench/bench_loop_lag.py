@@ -5,7 +5,7 @@ are generated back to back for a fixed time with the tiny random model on CPU. "
 `InferenceEngine` (a few in flight, streaming on); "naive" calls the pipeline directly on the loop, as a bot
 without a worker thread would. "idle" is the ticker alone, the floor of what the loop can do.
 
-    python -m bench.bench_loop_lag [--seconds 10] [--max-new-tokens 128] [--torch-threads N]
+    python bench/bench_loop_lag.py [--seconds 10] [--max-new-tokens 128] [--threads N] [--model DIR]
 
 Goal: engine p99 < 20 ms and max < 100 ms.
 """
@@ -18,19 +18,16 @@ import logging
 import os
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 
-import torch
+from _common import add_model_args, bench_settings, configure_torch, model_directory, print_table
 
 from bot.engine import InferenceEngine
 from bot.engine.loader import load_model
 from bot.engine.pipeline import Pipeline, PipelineRequest
-from bot.engine.tiny_model import build_tiny_model
-from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
+from bot.settings import Settings
 
 TICK_SECONDS = 0.010
 QUESTIONS = [f"Question {n}: what is in the picture, and what colour is item {n}?" for n in range(64)]
@@ -69,16 +66,6 @@ async def measure(
     loop.call_later(seconds, stop.set)
     (requests, new_tokens), _ = await asyncio.gather(work(stop), ticker())
     return Row(mode, requests, new_tokens, lags, time.perf_counter() - started)
-
-
-def settings_for(model_dir: Path, max_new_tokens: int) -> Settings:
-    return Settings(
-        model=ModelSettings(
-            name_or_path=str(model_dir), device_map="cpu", dtype="float32", local_files_only=True
-        ),
-        generation=GenerationSettings(max_new_tokens=max_new_tokens, do_sample=False),
-        engine=EngineSettings(max_batch_size=4, batch_wait_ms=5),
-    )
 
 
 def generate_kwargs(max_new_tokens: int) -> dict[str, object]:
@@ -152,21 +139,20 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(int(fraction * len(ordered)), len(ordered) - 1)]
 
 
-def print_table(rows: list[Row]) -> None:
-    header = f"{'mode':<26}{'requests':>9}{'tok/s':>8}{'ticks':>7}{'p50 ms':>9}{'p99 ms':>9}{'max ms':>9}"
-    print(header)
-    print("-" * len(header))
-    for row in rows:
-        lags = row.lags or [0.0]
-        print(
-            f"{row.mode:<26}{row.requests:>9}{row.new_tokens / row.seconds:>8.0f}{len(row.lags):>7}"
-            f"{statistics.median(lags) * 1000:>9.2f}{percentile(lags, 0.99) * 1000:>9.2f}"
-            f"{max(lags) * 1000:>9.2f}"
-        )
+def table_row(row: Row) -> list[object]:
+    lags = row.lags or [0.0]
+    return [
+        row.mode,
+        row.requests,
+        round(row.new_tokens / row.seconds),
+        len(row.lags),
+        statistics.median(lags) * 1e3,
+        percentile(lags, 0.99) * 1e3,
+        max(lags) * 1e3,
+    ]
 
 
-async def main_async(args: argparse.Namespace, model_dir: Path) -> list[Row]:
-    settings = settings_for(model_dir, args.max_new_tokens)
+async def run_all(args: argparse.Namespace, settings: Settings) -> list[Row]:
     return [
         await run_idle(args.seconds),
         await run_engine(settings, args.seconds, in_flight=1),
@@ -177,28 +163,31 @@ async def main_async(args: argparse.Namespace, model_dir: Path) -> list[Row]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--seconds", type=float, default=10.0)
+    add_model_args(parser)
+    parser.add_argument("--seconds", type=float, default=10.0, help="measuring time per mode")
     parser.add_argument("--max-new-tokens", type=int, default=128)
-    parser.add_argument(
-        "--torch-threads",
-        type=int,
-        default=max((os.cpu_count() or 2) - 1, 1),
-        help="torch intra-op threads (default: all cores but one, which the event loop keeps)",
-    )
-    parser.add_argument("--switch-interval-ms", type=float, default=sys.getswitchinterval() * 1000)
+    parser.add_argument("--switch-interval-ms", type=float, default=sys.getswitchinterval() * 1e3)
     args = parser.parse_args()
+    if args.threads is None and args.device == "cpu":
+        args.threads = max((os.cpu_count() or 2) - 1, 1)  # leave the event loop a core of its own
     logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.torch_threads)
-    sys.setswitchinterval(args.switch_interval_ms / 1000)
-    print(
-        f"tiny Qwen2.5-VL on CPU ({os.cpu_count()} cores), torch threads {torch.get_num_threads()}, "
-        f"GIL switch interval {sys.getswitchinterval() * 1000:.1f} ms, {args.seconds:.0f} s per mode, "
-        f"{args.max_new_tokens} new tokens per request, 10 ms ticker"
+    sys.setswitchinterval(args.switch_interval_ms / 1e3)
+    setup = configure_torch(args)
+    with model_directory(args) as model_dir:
+        settings = bench_settings(
+            model_dir,
+            args.device,
+            generation={"max_new_tokens": args.max_new_tokens, "do_sample": False},
+            engine={"max_batch_size": 4, "batch_wait_ms": 5},
+        )
+        rows = asyncio.run(run_all(args, settings))
+    print_table(
+        f"event-loop lag of a 10 ms ticker | {setup} | {os.cpu_count()} cores | GIL switch interval "
+        f"{sys.getswitchinterval() * 1e3:.1f} ms | {args.seconds:.0f} s per mode | "
+        f"{args.max_new_tokens} new tokens per request",
+        ["mode", "requests", "tok/s", "ticks", "p50 ms", "p99 ms", "max ms"],
+        [table_row(row) for row in rows],
     )
-    with tempfile.TemporaryDirectory() as directory:
-        model_dir = build_tiny_model(Path(directory), seed=0)
-        rows = asyncio.run(main_async(args, model_dir))
-    print_table(rows)
 
 
 if __name__ == "__main__":

@@ -99,7 +99,11 @@ class _Aborted(Exception):
 
 @dataclass(eq=False, slots=True)
 class _Item:
-    """A request inside the engine. Fields after `submitted_at` change under the engine's lock."""
+    """A request inside the engine.
+
+    `started_at`, `ahead` and `discarded` change under the engine's lock; `streamed` belongs to the worker
+    thread and `timer` to the event loop.
+    """
 
     seq: int
     request: EngineRequest
@@ -351,9 +355,7 @@ class InferenceEngine:
 
     async def _shutdown(self, grace: float | None) -> None:
         grace = self._limits.shutdown_grace_seconds if grace is None else grace
-        with self._cond:
-            queued, self._queue = self._queue, []
-        self._signal_stop()
+        queued = self._signal_stop()
         for item in queued:
             _settle(item.future, EngineStopped("the engine stopped before this request ran"))
         thread = self._thread
@@ -378,11 +380,14 @@ class InferenceEngine:
         else:
             logger.info("engine stopped")
 
-    def _signal_stop(self) -> None:
+    def _signal_stop(self) -> list[_Item]:
+        """Refuse new requests, tell the worker to finish, and take the queued requests out."""
         with self._cond:
             self._accepting = False
             self._stopping = True
             self._cond.notify_all()
+            queued, self._queue = self._queue, []
+        return queued
 
     def _on_future_done(self, item: _Item, future: asyncio.Future[GenerationResult]) -> None:
         """Loop thread: forget a request whose future finished for any reason."""
