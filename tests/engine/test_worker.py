@@ -45,21 +45,26 @@ def question_of(messages: list[dict]) -> str:
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_model_dir: Path) -> Callable[[str], PipelineOutput]:
-    """The pipeline run directly, one question at a time: what every engine answer must equal."""
+def direct_pipeline(tiny_model_dir: Path) -> Pipeline:
+    """The pipeline on its own model copy, used from the test thread only."""
     settings = make_settings(tiny_model_dir)
     loaded = load_model(settings.model)
-    pipeline = Pipeline(
+    return Pipeline(
         loaded.model,
         loaded.processor,
         min_pixels=settings.vision.min_pixels,
         max_pixels=settings.vision.max_pixels,
     )
+
+
+@pytest.fixture(scope="module")
+def reference(direct_pipeline: Pipeline) -> Callable[[str], PipelineOutput]:
+    """The pipeline run directly, one question at a time: what every engine answer must equal."""
     answers: dict[str, PipelineOutput] = {}
 
     def answer(question: str) -> PipelineOutput:
         if question not in answers:
-            answers[question] = pipeline.run_batch([PipelineRequest(ask(question), dict(GREEDY))])[0]
+            answers[question] = direct_pipeline.run_batch([PipelineRequest(ask(question), dict(GREEDY))])[0]
         return answers[question]
 
     return answer
@@ -135,6 +140,23 @@ async def test_answer_equals_the_pipeline_run_directly(tiny_model_dir: Path, ref
     assert_same(result, reference(QUESTIONS[0]))
     assert result.token_ids, "the tiny model answers with at least one token"
     assert result.queue_seconds >= 0 and result.generate_seconds > 0
+
+
+async def test_token_counts_on_the_loop_match_the_pipeline_while_the_worker_runs(
+    tiny_model_dir: Path, direct_pipeline: Pipeline
+) -> None:
+    texts = [f"{question} Plus some more words, numbers 12345 and ünïcödé." for question in QUESTIONS]
+    async with running(make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0)) as engine:
+        handles = [engine.submit(request(text)) for text in texts]
+        rounds = []
+        while not all(handle.done() for handle in handles):
+            rounds.append([engine.count_text_tokens(text) for text in texts])
+            await asyncio.sleep(0)
+        await asyncio.gather(*(handle.result() for handle in handles))
+
+    expected = [direct_pipeline.count_text_tokens(text) for text in texts]
+    assert len(rounds) > 1
+    assert all(counts == expected for counts in rounds)
 
 
 async def test_eight_conversations_share_one_batch_with_unchanged_answers(
