@@ -1,0 +1,136 @@
+"""The real bot (discord.py client + answering service on the tiny model) against the fake Discord server."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+from contextlib import AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from PIL import Image
+
+from bot.answering import Answer, AnswerService
+from bot.app import running_service
+from bot.discord import VisionBot
+from bot.engine import EngineRequest
+from bot.settings import Settings, parse_settings
+from tests.fakediscord.server import FakeDiscord
+
+TOKEN = "fake-token.never-logged.abc123XYZ"
+
+
+def png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", size, colour).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def bot_settings(model_dir: Path, data_dir: Path, fake: FakeDiscord, discord: dict[str, Any]) -> Settings:
+    """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback."""
+    return parse_settings(
+        {
+            "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 0.5, **discord},
+            "model": {
+                "name_or_path": str(model_dir),
+                "device_map": "cpu",
+                "dtype": "float32",
+                "local_files_only": True,
+            },
+            "vision": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_images_per_message": 2},
+            "generation": {"max_new_tokens": 6, "do_sample": False},
+            "storage": {"data_dir": str(data_dir)},
+            "media": {"allowed_hosts": ["127.0.0.1"], "retries": 0},
+            "engine": {"batch_wait_ms": 1.0},
+        }
+    )
+
+
+class _Recorder(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+
+@dataclass
+class RunningBot:
+    """One bot process's objects; `restart()` replaces them all, keeping the data directory."""
+
+    settings: Settings
+    fake: FakeDiscord
+    replies: list[tuple[Answer, int]] = field(default_factory=list)
+    prompts: list[list[dict]] = field(default_factory=list)
+    log: _Recorder = field(default_factory=_Recorder)
+    client: VisionBot | None = None
+    service: AnswerService | None = None
+    _stack: AsyncExitStack | None = None
+    _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+
+    async def start(self) -> None:
+        logging.getLogger().addHandler(self.log)
+        logging.getLogger().setLevel(logging.DEBUG)
+        self._stack = AsyncExitStack()
+        service = await self._stack.enter_async_context(running_service(self.settings))
+        self._observe(service)
+        client = VisionBot(self.settings.discord, service, guild_ready_timeout=0.1)
+        await self._stack.enter_async_context(client)
+        task = asyncio.create_task(client.start(TOKEN))
+        self._stack.push_async_callback(self._stop_client, client, task)
+        async with asyncio.timeout(60):
+            await client.wait_until_ready()
+        self.client, self.service = client, service
+
+    async def stop(self) -> None:
+        if self._stack is not None:
+            await self._stack.aclose()
+        logging.getLogger().removeHandler(self.log)
+        self._stack = self.client = self.service = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    async def wait_reply(self, channel_id: int, *, after: int, timeout: float = 60) -> int:
+        """The Discord id of the first reply message in `channel_id` linked to a stored answer after the
+        first `after` replies (take `after` as `len(bot.replies)` before acting)."""
+        prefix = f"{channel_id}"
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for _answer, message_id in self.replies[after:]:
+                    if self.fake.messages[message_id]["channel_id"] == prefix:
+                        return message_id
+                await self._changed.wait()
+
+    def _observe(self, service: AnswerService) -> None:
+        """Record what the real service is asked to link and to generate (the real calls still happen)."""
+        attach_reply, submit = service.attach_reply, service._engine.submit
+
+        async def recording_attach_reply(answer: Answer, discord_message_id: int) -> None:
+            await attach_reply(answer, discord_message_id)
+            async with self._changed:
+                self.replies.append((answer, discord_message_id))
+                self._changed.notify_all()
+
+        def recording_submit(request: EngineRequest) -> Any:
+            self.prompts.append(request.messages)
+            return submit(request)
+
+        service.attach_reply = recording_attach_reply  # type: ignore[method-assign]
+        service._engine.submit = recording_submit  # type: ignore[method-assign]
+
+    @staticmethod
+    async def _stop_client(client: VisionBot, task: asyncio.Task[None]) -> None:
+        await client.close()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, timeout=10)
+
+
+def image_parts(messages: list[dict]) -> list[Any]:
+    """The image entries of a Qwen `messages` list."""
+    return [part for message in messages for part in message["content"] if part.get("type") == "image"]

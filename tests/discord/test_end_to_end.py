@@ -1,0 +1,315 @@
+"""The real discord.py client over a real websocket, the real answering service on the tiny model.
+
+One fake Discord server and one bot serve the whole module (each test uses its own channels). Tests play
+users on the fake server and assert what the bot sent over REST and what the store holds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+
+from bot.content import ConversationScope
+from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
+from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
+from tests.fakediscord.payloads import snowflake
+from tests.fakediscord.server import FakeDiscord, FakeUser
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+SAFE_MENTIONS = {"parse": [], "replied_user": True}
+CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted"]
+
+
+@dataclass
+class World:
+    fake: FakeDiscord
+    bot: RunningBot
+    guild_id: int
+    channels: dict[str, int]
+    alice: FakeUser
+    bob: FakeUser
+    outsider: FakeUser
+    other_bot: FakeUser
+    dm_channel: int
+
+    def scope(self, channel: str, thread_id: int | None = None) -> ConversationScope:
+        return ConversationScope("discord", self.channels[channel], self.guild_id, thread_id)
+
+    async def stats(self, scope: ConversationScope) -> tuple[int, int]:
+        assert self.bot.service is not None
+        result = await self.bot.service.stats(scope)
+        return result.turns, result.images
+
+    def image(self, name: str) -> dict:
+        data = png_bytes()
+        return self.fake.attachment(self.fake.add_file(name, data, "image/png"), name, len(data), "image/png")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+    fake = FakeDiscord(token=TOKEN)
+    guild_id, channel_ids, (member_role,) = fake.add_guild("Guild", CHANNELS, ("members",))
+    channels = dict(zip(CHANNELS, channel_ids, strict=True))
+    alice = fake.add_user("alice", role_ids=[member_role])
+    await fake.start()
+    settings = bot_settings(
+        tiny_model_dir,
+        tmp_path_factory.mktemp("bot-data"),
+        fake,
+        {
+            "allowed_channel_ids": [channel for name, channel in channels.items() if name != "restricted"],
+            "allowed_role_ids": [member_role],
+        },
+    )
+    bot = RunningBot(settings, fake)
+    await bot.start()
+    try:
+        yield World(
+            fake=fake,
+            bot=bot,
+            guild_id=guild_id,
+            channels=channels,
+            alice=alice,
+            bob=fake.add_user("bob", role_ids=[member_role]),
+            outsider=fake.add_user("outsider"),
+            other_bot=fake.add_user("otherbot", bot=True, role_ids=[member_role]),
+            dm_channel=fake.add_dm_channel(alice),
+        )
+    finally:
+        await bot.stop()
+        await fake.close()
+
+
+def _posts(world: World, channel_id: int) -> list[dict]:
+    return [request.body for request in world.fake.requests_to("POST", f"/channels/{channel_id}/messages")]
+
+
+async def test_connects_through_the_advertised_gateway_and_syncs_commands(world: World) -> None:
+    fake = world.fake
+    assert fake.requests_to("GET", "/gateway/bot"), "gateway_url unset: the bot asks GET /gateway/bot"
+    assert fake.identify_payloads[0]["intents"] & (1 << 15), "MESSAGE_CONTENT intent requested"
+    names = sorted((command["name"], command["type"]) for command in fake.commands)
+    assert names == [("Ask about this image", 3), ("ask", 1), ("history", 1), ("reset", 1)]
+
+
+async def test_image_mention_is_downloaded_and_answered_as_a_safe_reply(world: World) -> None:
+    fake, channel = world.fake, world.channels["main"]
+    known = len(world.bot.replies)
+    question = await fake.send_message(
+        channel,
+        world.alice,
+        f"{fake.bot.mention} what is in this picture?",
+        attachments=[world.image("red.png")],
+    )
+    reply_id = await world.bot.wait_reply(channel, after=known)
+    reply = fake.messages[reply_id]
+    first_post = _posts(world, channel)[0]
+    assert int(first_post["message_reference"]["message_id"]) == int(question["id"])
+    assert first_post["allowed_mentions"] == SAFE_MENTIONS
+    assert reply["content"].strip()
+    assert reply["content"] == world.bot.replies[-1][0].text
+    assert fake.requests_to("GET", "/cdn/red.png"), "the image came from the loopback CDN"
+    assert fake.requests_to("POST", f"/channels/{channel}/typing")
+    assert await world.stats(world.scope("main")) == (1, 1)
+    prompt = world.bot.prompts[-1]
+    assert len(image_parts(prompt)) == 1
+    assert "what is in this picture?" in str(prompt[-1]["content"]) and fake.bot.mention not in str(prompt)
+
+
+async def test_a_reply_without_mention_continues_the_conversation_with_the_image(world: World) -> None:
+    fake, channel = world.fake, world.channels["main"]
+    known = len(world.bot.replies)
+    first_answer_id = world.bot.replies[-1][1]
+    await fake.send_message(channel, world.alice, "and what colour is it?", reply_to=first_answer_id)
+    second_reply = await world.bot.wait_reply(channel, after=known)
+    assert second_reply != first_answer_id
+    assert fake.messages[second_reply]["content"]
+    assert await world.stats(world.scope("main")) == (2, 1)
+    assert len(image_parts(world.bot.prompts[-1])) == 1, "the first turn's image is in the second prompt"
+
+
+async def test_a_thread_started_from_an_answer_carries_the_context(world: World) -> None:
+    fake, channel = world.fake, world.channels["main"]
+    answer_id = world.bot.replies[-1][1]
+    thread_id = await fake.create_thread(channel, answer_id, world.alice, "about the picture")
+    known = len(world.bot.replies)
+    await fake.send_message(thread_id, world.alice, f"{fake.bot.mention} tell me more")
+    await world.bot.wait_reply(thread_id, after=known)
+    thread_scope = world.scope("main", thread_id)
+    assert await world.stats(thread_scope) == (3, 1), "two forked turns and the new one"
+    assert len(image_parts(world.bot.prompts[-1])) == 1
+    # In a thread the bot is part of, no mention is needed.
+    await fake.send_message(thread_id, world.alice, "and one more thing")
+    await world.bot.wait_reply(thread_id, after=known + 1)
+    assert await world.stats(thread_scope) == (4, 1)
+    assert await world.stats(world.scope("main")) == (2, 1), "the channel's conversation is untouched"
+
+
+async def test_history_survives_a_restart(world: World) -> None:
+    await world.bot.restart()
+    assert await world.stats(world.scope("main")) == (2, 1)
+    fake, channel = world.fake, world.channels["main"]
+    known = len(world.bot.replies)
+    await fake.send_message(channel, world.alice, f"{fake.bot.mention} still remember the picture?")
+    await world.bot.wait_reply(channel, after=known)
+    assert await world.stats(world.scope("main")) == (3, 1)
+    assert len(image_parts(world.bot.prompts[-1])) == 1
+
+
+async def test_history_and_reset_commands(world: World) -> None:
+    fake, channel = world.fake, world.channels["main"]
+    token = await fake.slash_command(channel, world.alice, "history")
+    callback = await fake.wait_for_request(lambda r: r.method == "POST" and f"/{token}/callback" in r.path)
+    assert callback.body["type"] == 5 and callback.body["data"]["flags"] == 64, "ephemeral deferral"
+    shown = await fake.wait_for_request(
+        lambda r: r.method == "PATCH" and f"/{token}/messages/@original" in r.path
+    )
+    assert shown.body["content"] == "In this channel I remember 3 turns and 1 image."
+
+    token = await fake.slash_command(channel, world.alice, "reset")
+    callback = await fake.wait_for_request(lambda r: r.method == "POST" and f"/{token}/callback" in r.path)
+    assert callback.body["type"] == 5 and not callback.body.get("data", {}).get("flags")
+    shown = await fake.wait_for_request(
+        lambda r: r.method == "PATCH" and f"/{token}/messages/@original" in r.path
+    )
+    # The image stays on disk: the thread forked from this channel still uses it.
+    assert shown.body["content"] == "🧹 I forgot this channel's conversation: 6 messages and 0 images."
+    assert await world.stats(world.scope("main")) == (0, 0)
+
+
+@pytest.mark.parametrize(
+    ("name", "data", "content_type", "error"),
+    [
+        ("notes.txt", b"just some text, not an image at all\n" * 4, "text/plain", UnsupportedMediaType),
+        ("broken.png", b"\x89PNG\r\n\x1a\n" + b"\x00garbage" * 50, "image/png", CorruptMedia),
+        ("gone.png", None, "image/png", Unreachable),
+    ],
+)
+async def test_unusable_attachments_get_their_clear_message(
+    world: World, name: str, data: bytes | None, content_type: str, error: type
+) -> None:
+    fake, channel = world.fake, world.channels["errors"]
+    url = fake.add_file(name, data, content_type) if data is not None else fake.missing_file_url(name)
+    attachment = fake.attachment(url, name, len(data or b"x" * 100), content_type)
+    question = await fake.send_message(
+        channel, world.alice, f"{fake.bot.mention} look", attachments=[attachment]
+    )
+    reply = await fake.wait_for_message(
+        channel, lambda m: int(m.get("message_reference", {}).get("message_id", 0)) == int(question["id"])
+    )
+    assert reply["content"] == error.user_message
+    assert await world.stats(world.scope("errors")) == (0, 0)
+
+
+async def test_two_users_in_two_channels_are_answered_at_once(world: World) -> None:
+    fake = world.fake
+    left, right = world.channels["left"], world.channels["right"]
+    known = len(world.bot.replies)
+    await asyncio.gather(
+        fake.send_message(
+            left, world.alice, f"{fake.bot.mention} hi from the left", attachments=[world.image("l.png")]
+        ),
+        fake.send_message(right, world.bob, f"{fake.bot.mention} hi from the right"),
+    )
+    for channel in (left, right):
+        await world.bot.wait_reply(channel, after=known)
+    assert await world.stats(world.scope("left")) == (1, 1)
+    assert await world.stats(world.scope("right")) == (1, 0)
+
+
+async def test_bots_outsiders_and_other_channels_are_ignored(world: World) -> None:
+    fake = world.fake
+    mention = f"{fake.bot.mention} answer me"
+    await fake.send_message(world.channels["dupes"], world.other_bot, mention)
+    await fake.send_message(world.channels["dupes"], fake.bot, mention)
+    await fake.send_message(world.channels["dupes"], world.outsider, mention)
+    await fake.send_message(world.channels["dupes"], world.alice, "chatting without mentioning anyone")
+    await fake.send_message(world.channels["restricted"], world.alice, mention)
+    await asyncio.sleep(1.0)
+    for channel in ("dupes", "restricted"):
+        assert _posts(world, world.channels[channel]) == []
+        assert await world.stats(world.scope(channel)) == (0, 0)
+
+
+async def test_a_duplicate_delivery_gets_one_answer(world: World) -> None:
+    fake, channel = world.fake, world.channels["dupes"]
+    known = len(world.bot.replies)
+    question = await fake.send_message(channel, world.alice, f"{fake.bot.mention} once please")
+    await fake.redeliver(question)
+    await world.bot.wait_reply(channel, after=known)
+    await fake.redeliver(question)
+    await asyncio.sleep(1.0)
+    assert len(_posts(world, channel)) == 1
+    assert await world.stats(world.scope("dupes")) == (1, 0)
+
+
+async def test_ask_command_with_an_image_answers_in_the_deferred_response(world: World) -> None:
+    fake, channel = world.fake, world.channels["commands"]
+    attachment = world.image("cmd.png")
+    known = len(world.bot.replies)
+    token = await fake.slash_command(
+        channel,
+        world.bob,
+        "ask",
+        [
+            {"name": "question", "type": 3, "value": "what is this?"},
+            {"name": "image", "type": 11, "value": attachment["id"]},
+        ],
+        resolved={"attachments": {attachment["id"]: attachment}},
+    )
+    callback = await fake.wait_for_request(lambda r: r.method == "POST" and f"/{token}/callback" in r.path)
+    assert callback.body["type"] == 5
+    reply_id = await world.bot.wait_reply(channel, after=known)
+    assert fake.messages[reply_id]["content"] == world.bot.replies[-1][0].text
+    assert fake.requests_to("PATCH", f"/{token}/messages/@original")
+    assert await world.stats(world.scope("commands")) == (1, 1)
+
+
+async def test_ask_after_the_token_expired_falls_back_to_a_channel_message(world: World) -> None:
+    fake, channel = world.fake, world.channels["commands"]
+    old_id = snowflake(at=time.time() - 16 * 60)
+    known = len(world.bot.replies)
+    token = await fake.slash_command(
+        channel, world.bob, "ask", [{"name": "question", "type": 3, "value": "late?"}], interaction_id=old_id
+    )
+    known = len(world.bot.replies)
+    reply_id = await world.bot.wait_reply(channel, after=known)
+    posted_first = _posts(world, channel)[-1]
+    assert "message_reference" not in posted_first, "a normal channel message, not an interaction response"
+    assert fake.messages[reply_id]["content"] == world.bot.replies[-1][0].text
+    assert not fake.requests_to("PATCH", f"/{token}/messages/@original")
+    assert await world.stats(world.scope("commands")) == (2, 1)
+
+
+async def test_context_menu_describes_the_target_messages_image(world: World) -> None:
+    fake, channel = world.fake, world.channels["menu"]
+    target = await fake.send_message(
+        channel, world.bob, "look at my cat", attachments=[world.image("cat.png")]
+    )
+    known = len(world.bot.replies)
+    token = await fake.context_menu(channel, world.alice, "Ask about this image", int(target["id"]))
+    await world.bot.wait_reply(channel, after=known)
+    assert fake.requests_to("PATCH", f"/{token}/messages/@original")
+    assert await world.stats(world.scope("menu")) == (1, 1)
+    assert "Describe this image." in str(world.bot.prompts[-1][-1]["content"])
+
+
+async def test_a_dm_is_answered_without_a_mention(world: World) -> None:
+    fake = world.fake
+    known = len(world.bot.replies)
+    await fake.send_message(world.dm_channel, world.alice, "hello in private")
+    await world.bot.wait_reply(world.dm_channel, after=known)
+    scope = ConversationScope("discord", world.dm_channel)
+    assert await world.stats(scope) == (1, 0)
+
+
+async def test_the_token_never_appears_in_logs(world: World) -> None:
+    assert world.bot.log.lines, "the bot logged while running"
+    assert not [line for line in world.bot.log.lines if TOKEN in line]

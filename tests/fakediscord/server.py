@@ -1,0 +1,565 @@
+"""A Discord-compatible gateway + REST API + CDN on 127.0.0.1, for end-to-end tests of the real client.
+
+The test builds a small world (guilds, channels, users, roles, files), starts the server, points the bot at
+`api_base_url`, then plays users: `send_message`, `create_thread`, `slash_command`, `context_menu` dispatch
+gateway events. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await
+them with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from tests.fakediscord import payloads
+from tests.fakediscord.payloads import Json, snowflake
+
+HEARTBEAT_INTERVAL_MS = 41_250
+OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
+OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
+EPHEMERAL_FLAG = 64
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    """One REST call the bot made."""
+
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+
+
+@dataclass
+class FakeUser:
+    id: int
+    name: str
+    bot: bool = False
+    role_ids: list[int] = field(default_factory=list)
+
+    @property
+    def payload(self) -> Json:
+        return payloads.user(self.id, self.name, bot=self.bot)
+
+    @property
+    def mention(self) -> str:
+        return f"<@{self.id}>"
+
+
+@dataclass
+class _Interaction:
+    id: int
+    token: str
+    channel_id: int
+    guild_id: int | None
+    original_message_id: int | None = None
+
+
+def _json(data: Any, status: int = 200) -> web.Response:
+    # discord.py parses a body only when the content type is exactly "application/json" (no charset).
+    return web.Response(
+        body=json.dumps(data).encode(), status=status, headers={"Content-Type": "application/json"}
+    )
+
+
+def _error(status: int, message: str, code: int = 0) -> web.Response:
+    return _json({"message": message, "code": code}, status=status)
+
+
+class FakeDiscord:
+    """The fake server; `await start()`, then use `api_base_url` / `gateway_url`, then `await close()`."""
+
+    def __init__(self, *, token: str) -> None:
+        self.token = token
+        self.bot = FakeUser(snowflake(), "visionbot", bot=True)
+        self.application_id = snowflake()
+        self.owner = FakeUser(snowflake(), "owner")
+        self.requests: list[RecordedRequest] = []
+        self.messages: dict[int, Json] = {}
+        self.commands: list[Json] = []
+        self.identify_payloads: list[Json] = []
+        self._guilds: dict[int, Json] = {}
+        self._channels: dict[int, Json] = {}
+        self._files: dict[str, tuple[bytes, str]] = {}
+        self._interactions: dict[str, _Interaction] = {}
+        self._sockets: list[web.WebSocketResponse] = []
+        self._sequence = 0
+        self._changed = asyncio.Condition()
+        self._runner: web.AppRunner | None = None
+        self.port = 0
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Serve on an ephemeral port of 127.0.0.1."""
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/gateway", self._gateway)
+        app.router.add_get("/cdn/{name}", self._cdn)
+        api = web.RouteTableDef()
+        api.get("/api/v10/gateway/bot")(self._get_gateway_bot)
+        api.get("/api/v10/users/@me")(self._get_me)
+        api.get("/api/v10/oauth2/applications/@me")(self._get_application)
+        api.put("/api/v10/applications/{app_id}/commands")(self._put_commands)
+        api.get("/api/v10/channels/{channel_id}")(self._get_channel)
+        api.post("/api/v10/channels/{channel_id}/typing")(self._typing)
+        api.post("/api/v10/channels/{channel_id}/messages")(self._post_message)
+        api.get("/api/v10/channels/{channel_id}/messages/{message_id}")(self._get_message)
+        api.patch("/api/v10/channels/{channel_id}/messages/{message_id}")(self._patch_message)
+        api.delete("/api/v10/channels/{channel_id}/messages/{message_id}")(self._delete_message)
+        api.post("/api/v10/channels/{channel_id}/messages/{message_id}/threads")(self._start_thread)
+        api.post("/api/v10/interactions/{interaction_id}/{token}/callback")(self._interaction_callback)
+        api.post("/api/v10/webhooks/{app_id}/{token}")(self._followup)
+        api.get("/api/v10/webhooks/{app_id}/{token}/messages/{message_id}")(self._get_webhook_message)
+        api.patch("/api/v10/webhooks/{app_id}/{token}/messages/{message_id}")(self._patch_webhook_message)
+        api.delete("/api/v10/webhooks/{app_id}/{token}/messages/{message_id}")(self._delete_webhook_message)
+        app.add_routes(api)
+        self._runner = web.AppRunner(app)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        server = site._server
+        assert server is not None and server.sockets
+        self.port = server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        for socket in list(self._sockets):
+            await socket.close()
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_base_url(self) -> str:
+        return f"{self.base_url}/api/v10"
+
+    @property
+    def gateway_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/gateway"
+
+    # --- world building ---
+
+    def add_guild(
+        self, name: str, channel_names: list[str], role_names: tuple[str, ...] = ()
+    ) -> tuple[int, list[int], list[int]]:
+        """A guild with text channels and roles; returns (guild id, channel ids, role ids)."""
+        guild_id = snowflake()
+        channel_ids = [snowflake() for _ in channel_names]
+        role_ids = [snowflake() for _ in role_names]
+        channels = [
+            payloads.text_channel(channel_id, guild_id, channel_name)
+            for channel_id, channel_name in zip(channel_ids, channel_names, strict=True)
+        ]
+        for channel in channels:
+            self._channels[int(channel["id"])] = channel
+        me = payloads.member([], with_user=self.bot.payload)
+        roles = [
+            payloads.role(role_id, role_name) for role_id, role_name in zip(role_ids, role_names, strict=True)
+        ]
+        self._guilds[guild_id] = payloads.guild(
+            guild_id, name, self.owner.id, roles=roles, channels=channels, me=me
+        )
+        return guild_id, channel_ids, role_ids
+
+    def add_user(self, name: str, *, bot: bool = False, role_ids: list[int] | None = None) -> FakeUser:
+        return FakeUser(snowflake(), name, bot=bot, role_ids=list(role_ids or []))
+
+    def add_dm_channel(self, recipient: FakeUser) -> int:
+        channel_id = snowflake()
+        self._channels[channel_id] = payloads.dm_channel(channel_id, recipient.payload)
+        return channel_id
+
+    def add_file(self, name: str, data: bytes, content_type: str) -> str:
+        """Serve `data` from the CDN; returns its URL (signed-looking, like Discord's)."""
+        self._files[name] = (data, content_type)
+        return f"{self.base_url}/cdn/{name}?ex=0&is=0&hm={secrets.token_hex(8)}"
+
+    def missing_file_url(self, name: str) -> str:
+        return f"{self.base_url}/cdn/{name}?ex=0"
+
+    def attachment(self, url: str, filename: str, size: int, content_type: str | None) -> Json:
+        return payloads.attachment(snowflake(), filename, url, size, content_type)
+
+    # --- user events ---
+
+    async def send_message(
+        self,
+        channel_id: int,
+        author: FakeUser,
+        content: str,
+        *,
+        attachments: list[Json] | None = None,
+        reply_to: int | None = None,
+        message_id: int | None = None,
+    ) -> Json:
+        """A user posts a message (MESSAGE_CREATE); mentions are taken from `<@id>` in the content."""
+        channel = self._channels[channel_id]
+        guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
+        mentioned = [
+            user for user in (self.bot,) if f"<@{user.id}>" in content or f"<@!{user.id}>" in content
+        ]
+        reference = referenced = None
+        if reply_to is not None:
+            referenced = self.messages[reply_to]
+            reference = {"type": 0, "message_id": str(reply_to), "channel_id": str(channel_id)}
+            if guild_id is not None:
+                reference["guild_id"] = str(guild_id)
+        data = payloads.message(
+            message_id or snowflake(),
+            channel_id,
+            author.payload,
+            content,
+            guild_id=guild_id,
+            author_member=payloads.member(author.role_ids) if guild_id is not None else None,
+            mentions=[user.payload for user in mentioned],
+            attachments=attachments,
+            reference=reference,
+            referenced_message=referenced,
+        )
+        self.messages[int(data["id"])] = data
+        await self.dispatch("MESSAGE_CREATE", data)
+        return data
+
+    async def redeliver(self, message: Json) -> None:
+        """Deliver the same MESSAGE_CREATE again, as Discord may."""
+        await self.dispatch("MESSAGE_CREATE", message)
+
+    async def create_thread(self, parent_id: int, starter_message_id: int, owner: FakeUser, name: str) -> int:
+        """A user starts a thread from a message (its id becomes the thread's id); THREAD_CREATE."""
+        data = self._new_thread(parent_id, starter_message_id, owner.id, name)
+        await self.dispatch("THREAD_CREATE", {**data, "newly_created": True})
+        return starter_message_id
+
+    async def slash_command(
+        self,
+        channel_id: int,
+        user: FakeUser,
+        name: str,
+        options: list[Json] | None = None,
+        *,
+        resolved: Json | None = None,
+        interaction_id: int | None = None,
+    ) -> str:
+        """A user runs `/name` (INTERACTION_CREATE); returns the interaction token."""
+        data = {"id": str(self._command_id(name, 1)), "name": name, "type": 1, "options": options or []}
+        if resolved:
+            data["resolved"] = resolved
+        return await self._interact(channel_id, user, data, interaction_id)
+
+    async def context_menu(self, channel_id: int, user: FakeUser, name: str, target_message_id: int) -> str:
+        """A user runs a message context-menu command on a message; returns the interaction token."""
+        target = self.messages[target_message_id]
+        data = {
+            "id": str(self._command_id(name, 3)),
+            "name": name,
+            "type": 3,
+            "target_id": str(target_message_id),
+            "resolved": {"messages": {str(target_message_id): target}},
+        }
+        return await self._interact(channel_id, user, data, None)
+
+    async def dispatch(self, event: str, data: Json) -> None:
+        """Send a DISPATCH event to every connected gateway session."""
+        self._sequence += 1
+        frame = {"op": OP_DISPATCH, "t": event, "s": self._sequence, "d": data}
+        for socket in list(self._sockets):
+            await socket.send_json(frame)
+
+    # --- assertions ---
+
+    async def wait_for_request(
+        self, predicate: Callable[[RecordedRequest], bool], *, timeout: float = 30.0
+    ) -> RecordedRequest:
+        """The first recorded REST call matching `predicate` (past or future)."""
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for request in self.requests:
+                    if predicate(request):
+                        return request
+                await self._changed.wait()
+
+    async def wait_for_message(
+        self, channel_id: int, predicate: Callable[[Json], bool] = lambda _: True, *, timeout: float = 30.0
+    ) -> Json:
+        """The first message the bot posted in `channel_id` whose current state matches `predicate`."""
+        async with asyncio.timeout(timeout), self._changed:
+            while True:
+                for message in self.bot_messages(channel_id):
+                    if predicate(message):
+                        return message
+                await self._changed.wait()
+
+    def bot_messages(self, channel_id: int) -> list[Json]:
+        """The bot's messages in a channel, oldest first, with their current content."""
+        return [
+            message
+            for message in self.messages.values()
+            if message["channel_id"] == str(channel_id) and message["author"]["id"] == str(self.bot.id)
+        ]
+
+    def requests_to(self, method: str, path_part: str) -> list[RecordedRequest]:
+        return [r for r in self.requests if r.method == method and path_part in r.path]
+
+    async def wait_connected(self, count: int = 1, *, timeout: float = 30.0) -> None:
+        async with asyncio.timeout(timeout), self._changed:
+            await self._changed.wait_for(lambda: len(self._sockets) >= count)
+
+    # --- internals ---
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable) -> web.StreamResponse:
+        if request.path == "/gateway":
+            return await handler(request)
+        # Interaction callbacks and webhooks authenticate by the token in their URL, like Discord's.
+        token_in_url = "/interactions/" in request.path or "/webhooks/" in request.path
+        authorized = request.headers.get("Authorization") == f"Bot {self.token}"
+        if request.path.startswith("/api/") and not token_in_url and not authorized:
+            return _error(401, "401: Unauthorized")
+        body = await request.json() if request.can_read_body else None
+        recorded = RecordedRequest(request.method, request.path, dict(request.query), body)
+        response = await handler(request)
+        async with self._changed:
+            self.requests.append(recorded)
+            self._changed.notify_all()
+        return response
+
+    def _command_id(self, name: str, kind: int) -> int:
+        for command in self.commands:
+            if command["name"] == name and command["type"] == kind:
+                return int(command["id"])
+        return snowflake()
+
+    async def _interact(self, channel_id: int, user: FakeUser, data: Json, interaction_id: int | None) -> str:
+        channel = self._channels[channel_id]
+        guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
+        token = secrets.token_urlsafe(24)
+        interaction = _Interaction(interaction_id or snowflake(), token, channel_id, guild_id)
+        self._interactions[token] = interaction
+        payload: Json = {
+            "id": str(interaction.id),
+            "application_id": str(self.application_id),
+            "type": 2,
+            "data": data,
+            "channel_id": str(channel_id),
+            "channel": channel,
+            "token": token,
+            "version": 1,
+            "app_permissions": payloads.ALL_PERMISSIONS,
+            "locale": "en-US",
+            "entitlements": [],
+            "authorizing_integration_owners": {"0": str(guild_id or 0)},
+            "context": 0 if guild_id is not None else 1,
+            "attachment_size_limit": 10 * 1024 * 1024,
+        }
+        if guild_id is not None:
+            payload["guild_id"] = str(guild_id)
+            payload["guild_locale"] = "en-US"
+            payload["member"] = payloads.member(user.role_ids, with_user=user.payload)
+        else:
+            payload["user"] = user.payload
+        await self.dispatch("INTERACTION_CREATE", payload)
+        return token
+
+    def _new_thread(self, parent_id: int, thread_id: int, owner_id: int, name: str) -> Json:
+        guild_id = int(self._channels[parent_id]["guild_id"])
+        data = payloads.thread(thread_id, guild_id, parent_id, owner_id, name)
+        self._channels[thread_id] = data
+        return data
+
+    def _bot_message(self, channel_id: int, body: Json, *, flags: int = 0) -> Json:
+        channel = self._channels.get(channel_id, {})
+        reference = body.get("message_reference")
+        data = payloads.message(
+            snowflake(),
+            channel_id,
+            self.bot.payload,
+            body.get("content") or "",
+            guild_id=int(channel["guild_id"]) if "guild_id" in channel else None,
+            reference=reference,
+            referenced_message=self.messages.get(int(reference["message_id"])) if reference else None,
+            flags=flags,
+        )
+        data["allowed_mentions"] = body.get("allowed_mentions")
+        self.messages[int(data["id"])] = data
+        return data
+
+    async def _gateway(self, request: web.Request) -> web.WebSocketResponse:
+        socket = web.WebSocketResponse()
+        await socket.prepare(request)
+        await socket.send_json({"op": OP_HELLO, "d": {"heartbeat_interval": HEARTBEAT_INTERVAL_MS}})
+        async with self._changed:
+            self._sockets.append(socket)
+            self._changed.notify_all()
+        try:
+            async for frame in socket:
+                if frame.type is not WSMsgType.TEXT:
+                    continue
+                message = json.loads(frame.data)
+                if message["op"] == OP_HEARTBEAT:
+                    await socket.send_json({"op": OP_HEARTBEAT_ACK})
+                elif message["op"] == OP_IDENTIFY:
+                    self.identify_payloads.append(message["d"])
+                    await self._ready(socket)
+                elif message["op"] == OP_RESUME:
+                    await socket.send_json({"op": OP_INVALID_SESSION, "d": False})
+        finally:
+            async with self._changed:
+                self._sockets.remove(socket)
+                self._changed.notify_all()
+        return socket
+
+    async def _ready(self, socket: web.WebSocketResponse) -> None:
+        self._sequence += 1
+        ready = {
+            "v": 10,
+            "user": self.bot.payload,
+            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self._guilds],
+            "session_id": secrets.token_hex(16),
+            "resume_gateway_url": self.gateway_url,
+            "application": {"id": str(self.application_id), "flags": 0},
+            "private_channels": [],
+            "relationships": [],
+        }
+        await socket.send_json({"op": OP_DISPATCH, "t": "READY", "s": self._sequence, "d": ready})
+        for guild in self._guilds.values():
+            self._sequence += 1
+            threads = [c for c in self._channels.values() if c["type"] == 11 and c["guild_id"] == guild["id"]]
+            data = {**guild, "threads": threads}
+            await socket.send_json({"op": OP_DISPATCH, "t": "GUILD_CREATE", "s": self._sequence, "d": data})
+
+    async def _cdn(self, request: web.Request) -> web.Response:
+        found = self._files.get(request.match_info["name"])
+        if found is None:
+            return web.Response(status=404, text="Not Found")
+        data, content_type = found
+        return web.Response(body=data, headers={"Content-Type": content_type})  # aiohttp sets Content-Length
+
+    async def _get_gateway_bot(self, request: web.Request) -> web.Response:
+        limits = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
+        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limits})
+
+    async def _get_me(self, request: web.Request) -> web.Response:
+        return _json(self.bot.payload)
+
+    async def _get_application(self, request: web.Request) -> web.Response:
+        return _json(payloads.application(self.application_id, self.owner.payload))
+
+    async def _put_commands(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.commands = [
+            {
+                **command,
+                "id": str(snowflake()),
+                "application_id": str(self.application_id),
+                "version": str(snowflake()),
+                "description": command.get("description", ""),
+                "type": command.get("type", 1),
+            }
+            for command in body
+        ]
+        return _json(self.commands)
+
+    async def _get_channel(self, request: web.Request) -> web.Response:
+        channel = self._channels.get(int(request.match_info["channel_id"]))
+        return _json(channel) if channel is not None else _error(404, "Unknown Channel", 10003)
+
+    async def _typing(self, request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def _post_message(self, request: web.Request) -> web.Response:
+        channel_id = int(request.match_info["channel_id"])
+        if channel_id not in self._channels:
+            return _error(404, "Unknown Channel", 10003)
+        body = await request.json()
+        if len(body.get("content") or "") > 2000:
+            return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
+        return _json(self._bot_message(channel_id, body))
+
+    async def _get_message(self, request: web.Request) -> web.Response:
+        message = self.messages.get(int(request.match_info["message_id"]))
+        return _json(message) if message is not None else _error(404, "Unknown Message", 10008)
+
+    async def _patch_message(self, request: web.Request) -> web.Response:
+        return await self._edit(int(request.match_info["message_id"]), await request.json())
+
+    async def _delete_message(self, request: web.Request) -> web.Response:
+        self.messages.pop(int(request.match_info["message_id"]), None)
+        return web.Response(status=204)
+
+    async def _start_thread(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        parent_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
+        data = self._new_thread(parent_id, message_id, self.bot.id, body["name"])
+        await self.dispatch("THREAD_CREATE", {**data, "newly_created": True})
+        return _json(data)
+
+    async def _interaction_callback(self, request: web.Request) -> web.Response:
+        interaction = self._interactions.get(request.match_info["token"])
+        if interaction is None:
+            return _error(404, "Unknown interaction", 10062)
+        body = await request.json()
+        flags = (body.get("data") or {}).get("flags") or 0
+        original = self._bot_message(interaction.channel_id, body.get("data") or {}, flags=flags)
+        interaction.original_message_id = int(original["id"])
+        return _json(
+            {
+                "interaction": {
+                    "id": str(interaction.id),
+                    "type": 2,
+                    "response_message_id": original["id"],
+                    "response_message_loading": body["type"] == 5,
+                    "response_message_ephemeral": bool(flags & EPHEMERAL_FLAG),
+                },
+                "resource": {"type": body["type"], "message": original},
+            }
+        )
+
+    async def _followup(self, request: web.Request) -> web.Response:
+        interaction = self._interactions.get(request.match_info["token"])
+        if interaction is None:
+            return _error(401, "Invalid Webhook Token", 50027)
+        body = await request.json()
+        return _json(self._bot_message(interaction.channel_id, body, flags=body.get("flags") or 0))
+
+    def _webhook_message_id(self, request: web.Request) -> int | None:
+        interaction = self._interactions.get(request.match_info["token"])
+        if interaction is None:
+            return None
+        raw = request.match_info["message_id"]
+        return interaction.original_message_id if raw == "@original" else int(raw)
+
+    async def _get_webhook_message(self, request: web.Request) -> web.Response:
+        message_id = self._webhook_message_id(request)
+        message = self.messages.get(message_id) if message_id is not None else None
+        return _json(message) if message is not None else _error(404, "Unknown Message", 10008)
+
+    async def _patch_webhook_message(self, request: web.Request) -> web.Response:
+        message_id = self._webhook_message_id(request)
+        if message_id is None:
+            return _error(401, "Invalid Webhook Token", 50027)
+        return await self._edit(message_id, await request.json())
+
+    async def _delete_webhook_message(self, request: web.Request) -> web.Response:
+        message_id = self._webhook_message_id(request)
+        if message_id is None or self.messages.pop(message_id, None) is None:
+            return _error(404, "Unknown Message", 10008)
+        return web.Response(status=204)
+
+    async def _edit(self, message_id: int, body: Json) -> web.Response:
+        message = self.messages.get(message_id)
+        if message is None:
+            return _error(404, "Unknown Message", 10008)
+        if len(body.get("content") or "") > 2000:
+            return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
+        if "content" in body:
+            message["content"] = body["content"]
+            message["edited_timestamp"] = payloads.iso_now()
+        return _json(message)
