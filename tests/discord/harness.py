@@ -71,10 +71,12 @@ class RunningBot:
     service: AnswerService | None = None
     _stack: AsyncExitStack | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+    _previous_level: int = logging.WARNING
 
     async def start(self) -> None:
-        logging.getLogger().addHandler(self.log)
-        logging.getLogger().setLevel(logging.DEBUG)
+        root = logging.getLogger()
+        root.addHandler(self.log)
+        self._previous_level, root.level = root.level, logging.DEBUG  # the token must not show even at DEBUG
         self._stack = AsyncExitStack()
         service = await self._stack.enter_async_context(running_service(self.settings))
         self._observe(service)
@@ -90,6 +92,7 @@ class RunningBot:
         if self._stack is not None:
             await self._stack.aclose()
         logging.getLogger().removeHandler(self.log)
+        logging.getLogger().setLevel(self._previous_level)
         self._stack = self.client = self.service = None
 
     async def restart(self) -> None:
