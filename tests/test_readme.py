@@ -11,7 +11,7 @@ def _readme_commands() -> list[str]:
 
 
 def test_ci_runs_exactly_the_readme_test_command() -> None:
-    install_and_run, install_and_test = _readme_commands()
+    _install_and_run, install_and_test = _readme_commands()
     assert install_and_test.endswith("python -m pytest")
     ci_lines = (ROOT / ".ci" / "run").read_text().splitlines()
     assert install_and_test in ci_lines
