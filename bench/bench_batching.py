@@ -12,7 +12,7 @@ Wall time is the median over the rounds; the ratio is engine / seed (goal ≤ 0.
 three modes must be identical, which the table reports. The engine loads its own copy of the model (the
 sequential modes share another), and its vision cache is off so repeated rounds do not reuse encoder outputs.
 
-    python bench/bench_batching.py [--questions 8] [--max-new-tokens 64] [--rounds 3] [--model DIR]
+    python bench/bench_batching.py [--questions 8] [--max-new-tokens 64] [--rounds 5] [--model DIR]
 """
 
 from __future__ import annotations
@@ -200,7 +200,7 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--width", type=int, default=320)
     parser.add_argument("--height", type=int, default=240)
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batch-wait-ms", type=float, default=50.0)
     asyncio.run(run(parser.parse_args()))
 
