@@ -7,7 +7,7 @@ alternating. The table prints the median wall time of the whole follow-up `run_b
 decode) and of one uncached encoder pass alone (the most the cache can save). The follow-up's greedy answers
 must be identical with and without the cache.
 
-    python bench/bench_vision_cache.py [--sizes 640x480,1280x960] [--runs 10] [--max-new-tokens 16]
+    python bench/bench_vision_cache.py [--sizes 640x480,1280x960] [--runs 20] [--max-new-tokens 16]
 """
 
 from __future__ import annotations
@@ -155,7 +155,7 @@ def main() -> None:
     add_model_args(parser)
     parser.add_argument("--sizes", default="640x480,1280x960", help="comma-separated WIDTHxHEIGHT list")
     parser.add_argument("--max-pixels", type=int, default=1280 * 28 * 28, help="the [vision] max_pixels")
-    parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=20)
     parser.add_argument("--max-new-tokens", type=int, default=16)
     run(parser.parse_args())
 
