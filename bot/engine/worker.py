@@ -13,8 +13,8 @@ Scheduling, in one place (`form_batch`):
   it waits for the previous answer.
 - A batch holds at most `max_batch_size` requests and `max_batch_tokens` estimated padded tokens:
   batch size × the longest (estimated prompt + `max_new_tokens`), since padding makes every row that long.
-- The oldest request waits at most `batch_wait_ms` for company; a step that starts while others are
-  already waiting does not wait at all.
+- A request that arrives while the worker is idle waits at most `batch_wait_ms` for company; requests
+  that arrived during a step have gathered meanwhile, so the next step starts at once.
 
 Failures stay per request. A batch that raises is retried one request at a time, so one bad request does not
 fail its batch-mates (`GenerationFailed`, the original as `__cause__`). Out of memory empties the CUDA cache
@@ -245,6 +245,7 @@ class InferenceEngine:
         self._counters = _Counters()
         # Owned by the worker thread (the tokenizer copy is the loop's, built there once).
         self._pipeline: Pipeline | None = None
+        self._step_ended_at = 0.0  # time.monotonic() at the end of the last step
         self._tokenizer: Any = None
         self._seq = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -503,9 +504,9 @@ class InferenceEngine:
             # 2. Run it; every failure becomes a per-request outcome, never an exception.
             started = time.monotonic()
             outcomes = self._execute(batch)
-            elapsed = time.monotonic() - started
+            self._step_ended_at = time.monotonic()
             # 3. Emit: settle each future on the loop, count, and move the queue forward.
-            self._finish(batch, outcomes, elapsed)
+            self._finish(batch, outcomes, self._step_ended_at - started)
 
     def _next_batch(self) -> list[_Item] | None:
         wait = self._limits.batch_wait_ms / 1000
@@ -515,8 +516,10 @@ class InferenceEngine:
                     self._cond.wait()
                 if self._stopping:
                     return None
-                # Give the oldest request up to batch_wait_ms to find company, unless a full batch waits.
-                deadline = self._queue[0].submitted_at + wait
+                # A request that arrived after the last step gets up to batch_wait_ms to find company, unless
+                # a full batch already waits; one that waited through a step had company gather meanwhile.
+                head = self._queue[0]
+                deadline = head.submitted_at + wait if head.submitted_at >= self._step_ended_at else 0.0
                 while self._queue and not self._stopping and len(self._queue) < self._limits.max_batch_size:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:

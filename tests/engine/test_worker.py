@@ -22,6 +22,9 @@ from bot.engine.worker import EngineRequest, GenerationResult, InferenceEngine, 
 from bot.errors import EngineStopped, GenerationFailed, ModelLoadError, OutOfMemory, QueueFull
 from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings, VisionSettings
 
+# Batching tests set max_batch_size to the number of requests they submit at once: the worker then starts
+# as soon as all are queued, and this wait only guards against a slow test machine.
+PATIENT_MS = 500
 GREEDY = {"max_new_tokens": 8, "do_sample": False}
 QUESTIONS = [f"Question {n}: what colour is item {n * 7}?" for n in range(8)]
 
@@ -162,7 +165,7 @@ async def test_token_counts_on_the_loop_match_the_pipeline_while_the_worker_runs
 async def test_eight_conversations_share_one_batch_with_unchanged_answers(
     tiny_model_dir: Path, reference, spy: PipelineSpy
 ) -> None:
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         handles = [engine.submit(request(question)) for question in QUESTIONS]
         results = await asyncio.gather(*(handle.result() for handle in handles))
@@ -175,7 +178,7 @@ async def test_eight_conversations_share_one_batch_with_unchanged_answers(
 
 
 async def test_a_conversation_never_overtakes_itself(tiny_model_dir: Path, spy: PipelineSpy) -> None:
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=5, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         order: list[str] = []
 
@@ -195,7 +198,7 @@ async def test_only_equal_generate_kwargs_batch_and_the_oldest_goes_first(
     tiny_model_dir: Path, spy: PipelineSpy
 ) -> None:
     longer = {**GREEDY, "max_new_tokens": 4}
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=4, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         handles = [
             engine.submit(request("p", generate_kwargs=dict(GREEDY))),
@@ -317,7 +320,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
             ],
         }
     ]
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=3, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         good = [engine.submit(request(question)) for question in QUESTIONS[:2]]
         bad = engine.submit(EngineRequest(messages=broken, conversation_key="broken"))
@@ -347,7 +350,7 @@ async def test_out_of_memory_retries_each_request_alone_with_fewer_pixels(
         return torch.cuda.OutOfMemoryError("CUDA out of memory") if len(spy.calls) == 1 else None
 
     spy.fault = first_call_runs_out
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=2, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         handles = [engine.submit(request(question)) for question in QUESTIONS[:2]]
         results = await asyncio.gather(*(handle.result() for handle in handles))
@@ -366,7 +369,7 @@ async def test_persistent_out_of_memory_fails_only_that_request(
         return RuntimeError("CUDA error: out of memory") if "huge" in questions else None
 
     spy.fault = huge_never_fits
-    settings = make_settings(tiny_model_dir, max_batch_size=8, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=2, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         huge = engine.submit(request("huge"))
         fine = engine.submit(request(QUESTIONS[3]))
@@ -476,7 +479,7 @@ async def test_start_with_a_bad_path_raises_model_load_error(tmp_path: Path) -> 
 async def test_batches_stay_within_the_token_budget(tiny_model_dir: Path, spy: PipelineSpy) -> None:
     # Each request costs 300 // 3 + 8 prompt tokens + 8 new ones = 116: two fit in 256, three do not.
     questions = [f"{n}" + "x" * 299 for n in range(4)]
-    settings = make_settings(tiny_model_dir, max_batch_size=8, max_batch_tokens=256, batch_wait_ms=300)
+    settings = make_settings(tiny_model_dir, max_batch_size=4, max_batch_tokens=256, batch_wait_ms=PATIENT_MS)
     async with running(settings) as engine:
         handles = [engine.submit(request(question)) for question in questions]
         await asyncio.gather(*(handle.result() for handle in handles))
