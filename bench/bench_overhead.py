@@ -13,7 +13,7 @@ temporary directory) and the real `MediaFetcher`:
 Rows: distinct JPEGs (content addressing cannot short-circuit), the same JPEG every time, and text only.
 Conversations are pre-filled with `--history-turns` turns so the window is full. A second table splits
 `fetch` for the distinct JPEGs into its parts, next to cheaper alternatives (a 1/8-scale draft decode, PNG
-level 1, keeping the JPEG as sent); `--profile` adds a cProfile of `normalize_image`.
+level 1, a JPEG re-encode, keeping the JPEG as sent); `--profile` adds a cProfile of `normalize_image`.
 
     python bench/bench_overhead.py [--messages 50] [--width 2048 --height 1536] [--profile] [--model DIR]
 """
@@ -157,16 +157,17 @@ def fetch_breakdown(jpegs: Sequence[bytes], settings: Settings, media_dir: Path)
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
 
-    def png(image: Image.Image, level: int) -> bytes:
+    def encode(image: Image.Image, **options: object) -> bytes:
         out = io.BytesIO()
-        image.save(out, format="PNG", compress_level=level)
+        image.save(out, **options)
         return out.getvalue()
 
     for data in tqdm(jpegs, desc="fetch breakdown", unit="image"):
         rgb = timed("decode + EXIF + RGB, full size", lambda data=data: decode(data, draft=False))
         timed("decode at 1/8 scale (JPEG draft mode)", lambda data=data: decode(data, draft=True))
-        timed("PNG encode, level 6 (Pillow default)", lambda rgb=rgb: png(rgb, 6))
-        timed("PNG encode, level 1", lambda rgb=rgb: png(rgb, 1))
+        timed("PNG encode, level 6 (Pillow default)", lambda rgb=rgb: encode(rgb, format="PNG"))
+        timed("PNG encode, level 1", lambda rgb=rgb: encode(rgb, format="PNG", compress_level=1))
+        timed("JPEG encode, quality 95", lambda rgb=rgb: encode(rgb, format="JPEG", quality=95))
         normalized = timed(
             "normalize_image as shipped (decode + PNG)",
             lambda data=data: normalize_image(data, JPEG, settings.media.max_pixels),
@@ -249,7 +250,8 @@ async def run(args: argparse.Namespace) -> None:
                 for number, url in enumerate(tqdm(urls, desc=name, unit="message")):
                     await bot.message(scopes[number % CONVERSATIONS], f"question {number}?", url, times)
             download_times = await time_downloads(list(scenarios["distinct 2 MB JPEGs"]), settings)
-        breakdown, png_size = fetch_breakdown(jpegs, settings, Path(folder, "breakdown"))
+        sample = jpegs[: args.breakdown_images]
+        breakdown, png_size = fetch_breakdown(sample, settings, Path(folder, "breakdown"))
         if args.profile:
             profile_normalize(jpegs[:10], settings)
 
@@ -273,7 +275,7 @@ async def run(args: argparse.Namespace) -> None:
         ],
     )
     print_table(
-        "Where fetch goes, distinct JPEGs (each part alone, ms)",
+        f"Where fetch goes (ms, each part alone; downloads: all JPEGs, the rest: {len(sample)} of them)",
         ["part", "median", "p90"],
         [
             ("download only (loopback, 127.0.0.1)", median_ms(download_times), p90_ms(download_times)),
@@ -292,6 +294,7 @@ def main() -> None:
     parser.add_argument("--width", type=int, default=2048)
     parser.add_argument("--height", type=int, default=1536)
     parser.add_argument("--history-turns", type=int, default=20)
+    parser.add_argument("--breakdown-images", type=int, default=10)
     parser.add_argument("--profile", action="store_true", help="cProfile the decode/normalise step")
     asyncio.run(run(parser.parse_args()))
 
