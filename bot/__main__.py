@@ -90,11 +90,15 @@ async def _purge(settings: Settings) -> int:
 
 
 async def _run_bot(settings: Settings, token: SecretStr) -> None:
-    from bot.app import running_service
+    from bot.app import purge_periodically, running_service
     from bot.discord import run_discord
 
     async with running_service(settings) as service:
-        await run_discord(settings, token, service)
+        purging = asyncio.create_task(purge_periodically(service), name="retention-purge")
+        try:
+            await run_discord(settings, token, service)
+        finally:
+            purging.cancel()
 
 
 def _dispatch(args: argparse.Namespace, settings: Settings) -> int:

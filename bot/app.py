@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from bot.answering import AnswerService
 from bot.engine import InferenceEngine
+from bot.errors import BotError
 from bot.media import MediaFetcher
 from bot.settings import Settings, StorageSettings
 from bot.store import ConversationStore, upgrade
@@ -30,6 +31,26 @@ def make_store(storage: StorageSettings) -> ConversationStore:
         storage.resolved_media_dir,
         busy_timeout_ms=storage.sqlite_busy_timeout_ms,
     )
+
+
+PURGE_INTERVAL_SECONDS = 24 * 60 * 60
+
+
+async def purge_periodically(service: AnswerService, interval: float = PURGE_INTERVAL_SECONDS) -> None:
+    """Apply the history retention now and then every `interval` seconds, until cancelled."""
+    while True:
+        try:
+            result = await service.purge_expired()
+        except BotError as exc:
+            log.warning("retention purge failed: %r", exc)
+        else:
+            if result is not None and result.messages_deleted:
+                log.info(
+                    "retention purge: %d messages and %d media files deleted",
+                    result.messages_deleted,
+                    result.media_deleted,
+                )
+        await asyncio.sleep(interval)
 
 
 @asynccontextmanager

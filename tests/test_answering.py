@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 from PIL import Image
 
 from bot.answering import EMPTY_ANSWER_TEXT, AnswerService, Question, ThreadOrigin, display_text
-from bot.app import running_service
+from bot.app import purge_periodically, running_service
 from bot.content import ConversationScope
 from bot.engine import EngineRequest
 from bot.errors import EmptyQuestion, EngineStopped, TooManyImages, UnsupportedMediaType
@@ -185,3 +186,18 @@ async def test_engine_failure_stores_nothing(service: AnswerService) -> None:
 def test_empty_model_output_is_shown_as_a_clear_message() -> None:
     assert display_text("  \n") == EMPTY_ANSWER_TEXT
     assert display_text(" hi ") == "hi"
+
+
+async def test_periodic_purge_applies_the_retention(service: AnswerService, tmp_path: Path) -> None:
+    await service.answer(Question(scope=CHANNEL, text="old news"))
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
+        db.execute("UPDATE messages SET created_at = '2000-01-01 00:00:00.000000'")
+    await service.answer(Question(scope=CHANNEL, text="fresh"))
+    purging = asyncio.create_task(purge_periodically(service, interval=3600))
+    try:
+        async with asyncio.timeout(10):
+            while (await service.stats(CHANNEL)).turns != 1:
+                await asyncio.sleep(0.05)
+    finally:
+        purging.cancel()
+    assert (await service.stats(CHANNEL)).turns == 1
