@@ -20,6 +20,7 @@ from bot.settings import DiscordSettings
 log = logging.getLogger("bot.discord.messages")
 
 THREAD_NAME_LENGTH = 80
+THREAD_ALREADY_EXISTS = 160004  # Discord: "A thread has already been created for this message"
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -129,14 +130,28 @@ class MessageHandler:
             return None
 
     async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
+        """The thread started from `message`: a new one, or the one an earlier delivery of it opened."""
+        if message.thread is not None:
+            return message.thread
         name = strip_mention(message.content, self._client.user.id if self._client.user else 0)
         try:
             return await message.create_thread(name=(name or "Question")[:THREAD_NAME_LENGTH])
         except discord.HTTPException as exc:
+            if exc.code == THREAD_ALREADY_EXISTS:  # another delivery of this message opened it meanwhile
+                return await self._fetch_thread(message.id)
             log.warning(
                 "could not open a thread for message %s (HTTP %s); answering inline", message.id, exc.status
             )
             return None
+
+    async def _fetch_thread(self, thread_id: int) -> discord.Thread | None:
+        """A thread that exists but may not be cached yet (a thread started from a message has its id)."""
+        try:
+            thread = await self._client.fetch_channel(thread_id)
+        except discord.HTTPException as exc:
+            log.warning("could not fetch thread %s (HTTP %s); answering inline", thread_id, exc.status)
+            return None
+        return thread if isinstance(thread, discord.Thread) else None
 
     def _warn_if_content_missing(self, message: discord.Message) -> None:
         if self._warned_empty_content or message.guild is None:

@@ -6,6 +6,8 @@ import asyncio
 import contextlib
 import io
 import logging
+import threading
+from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from PIL import Image
 from bot.answering import Answer, AnswerService
 from bot.app import running_service
 from bot.discord import VisionBot
-from bot.engine import EngineRequest
+from bot.engine import EngineRequest, EngineStats
 from bot.settings import Settings, parse_settings
 from tests.fakediscord.server import FakeDiscord
 
@@ -29,8 +31,16 @@ def png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (
     return buffer.getvalue()
 
 
-def bot_settings(model_dir: Path, data_dir: Path, fake: FakeDiscord, discord: dict[str, Any]) -> Settings:
-    """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback."""
+def bot_settings(
+    model_dir: Path,
+    data_dir: Path,
+    fake: FakeDiscord,
+    discord: dict[str, Any],
+    *,
+    engine: dict[str, Any] | None = None,
+) -> Settings:
+    """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
+    `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections."""
     return parse_settings(
         {
             "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 0.5, **discord},
@@ -44,7 +54,7 @@ def bot_settings(model_dir: Path, data_dir: Path, fake: FakeDiscord, discord: di
             "generation": {"max_new_tokens": 6, "do_sample": False},
             "storage": {"data_dir": str(data_dir)},
             "media": {"allowed_hosts": ["127.0.0.1"], "retries": 0},
-            "engine": {"batch_wait_ms": 1.0},
+            "engine": {"batch_wait_ms": 1.0, **(engine or {})},
         }
     )
 
@@ -109,6 +119,35 @@ class RunningBot:
                     if self.fake.messages[message_id]["channel_id"] == prefix:
                         return message_id
                 await self._changed.wait()
+
+    @contextlib.contextmanager
+    def hold_engine(self, timeout: float = 60) -> Iterator[threading.Event]:
+        """Make the engine busy: every batch waits in the worker thread, before the real model runs, until
+        the yielded event is set (at the latest on leaving the block, or after `timeout` seconds)."""
+        assert self.service is not None
+        pipeline = self.service._engine._pipeline
+        assert pipeline is not None, "the engine is running"
+        run_batch = pipeline.run_batch
+        gate = threading.Event()
+
+        def gated_run_batch(requests: list[Any], **options: Any) -> Any:
+            gate.wait(timeout)
+            return run_batch(requests, **options)
+
+        pipeline.run_batch = gated_run_batch  # type: ignore[method-assign]
+        try:
+            yield gate
+        finally:
+            gate.set()
+            del pipeline.run_batch  # the class's method again
+
+    async def wait_engine(self, predicate: Callable[[EngineStats], bool], *, timeout: float = 30) -> None:
+        """Poll the engine's counters until `predicate` holds."""
+        assert self.service is not None
+        engine = self.service._engine
+        async with asyncio.timeout(timeout):
+            while not predicate(engine.stats):
+                await asyncio.sleep(0.01)
 
     def _observe(self, service: AnswerService) -> None:
         """Record what the real service is asked to link and to generate (the real calls still happen)."""

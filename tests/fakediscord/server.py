@@ -497,6 +497,8 @@ class FakeDiscord:
     async def _start_thread(self, request: web.Request) -> web.Response:
         body = await request.json()
         parent_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
+        if message_id in self._channels:
+            return _error(400, "A thread has already been created for this message", 160004)
         data = self._new_thread(parent_id, message_id, self.bot.id, body["name"])
         await self.dispatch("THREAD_CREATE", {**data, "newly_created": True})
         return _json(data)
