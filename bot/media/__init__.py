@@ -1,8 +1,8 @@
-"""Safe media: download from allow-listed hosts under byte and pixel caps, sniff, normalise, store by sha256.
+"""Safe media: download from allow-listed hosts under byte and pixel caps, sniff, validate, store by sha256.
 
 download.py  allow-list, redirects, byte cap, timeouts, retries
 sniff.py     the real type from the first bytes
-decode.py    images → RGB PNG under the pixel cap; video frame size (PyAV)
+decode.py    images validated under the pixel cap, kept as sent or re-encoded; video frame size (PyAV)
 storage.py   content-addressed, atomic writes
 fetcher.py   MediaFetcher, the public entry point
 """

@@ -1,9 +1,18 @@
-"""Decoding, blocking and meant for a worker thread: images under a pixel cap, normalised to RGB PNG; videos
-probed for their frame size.
+"""Decoding, blocking and meant for a worker thread: images validated under a pixel cap, then kept as sent
+or re-encoded; videos probed for their frame size.
 
 Images are opened with the one Pillow plugin that matches the sniffed type, which reads only the header, so
 the pixel count is checked before a single pixel is allocated. Pillow's own `Image.MAX_IMAGE_PIXELS` guard
 (which `Image.open` would apply) is honoured too: the effective cap is the smaller of the two.
+
+What is stored is always an RGB, upright, single-frame image whose every pixel decoded:
+
+    kept as sent   a JPEG, PNG (8 bits per channel) or WebP that is one RGB frame without alpha, transparency
+                   or an EXIF orientation other than 1. The whole stream is decoded once to prove it is intact
+                   (a JPEG at 1/8 scale: every block is still entropy-decoded, so truncation still shows).
+    re-encoded     anything else (rotation, alpha, palette, grayscale, CMYK, 16 bits, GIF, animation):
+                   orientation applied, first frame, alpha laid over white, then saved as JPEG quality 95 when
+                   the upload was a JPEG (it was lossy already), else as lossless PNG.
 """
 
 from __future__ import annotations
@@ -23,44 +32,68 @@ _OPENERS: dict[MediaType, type[ImageFile.ImageFile]] = {
     GIF: GifImagePlugin.GifImageFile,
     WEBP: WebPImagePlugin.WebPImageFile,
 }
+_KEEPABLE = frozenset({JPEG, PNG, WEBP})
 _BACKGROUND = (255, 255, 255)
+_ORIENTATION_TAG = 0x0112
+_JPEG_QUALITY = 95
 
 
 @dataclass(frozen=True, slots=True)
-class NormalizedImage:
-    """An image re-encoded as PNG: RGB, EXIF orientation applied, first frame only."""
+class ValidatedImage:
+    """An image ready to store: RGB, upright, first frame only.
 
-    png: bytes
+    `data` is the upload itself when `kept` is true, else the re-encoded image; `media_type` is its format.
+    """
+
+    data: bytes
+    media_type: MediaType
     width: int
     height: int
+    kept: bool
 
 
-def normalize_image(data: bytes, media_type: MediaType, max_pixels: int) -> NormalizedImage:
-    """Decode `data` (sniffed as `media_type`) under the pixel cap and re-encode it as an RGB PNG.
+def validate_image(data: bytes, media_type: MediaType, max_pixels: int) -> ValidatedImage:
+    """Decode `data` (sniffed as `media_type`) under the pixel cap; keep it as sent or re-encode it.
 
     Raises TooManyPixels before decoding when the header announces more than the cap, CorruptMedia when the
     pixels do not decode (truncated or damaged files).
     """
-    opener = _OPENERS.get(media_type)
-    if opener is None:
-        raise UnsupportedMediaType(f"{media_type.name} is not an image type")
     limit = _pixel_limit(max_pixels)
     try:
-        with opener(io.BytesIO(data)) as image:
-            width, height = image.size
-            if width * height > limit:
-                raise TooManyPixels(f"{width}x{height} image", pixels=width * height, limit=limit)
-            image.load()  # the first frame of an animation; raises on truncated data
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
+        with _opener(media_type)(io.BytesIO(data)) as image:
+            width, height = _checked_size(image, limit)
+            if _decode_and_check_keepable(image, media_type):
+                return ValidatedImage(data, media_type, width, height, kept=True)
+            upright = _to_rgb(ImageOps.exif_transpose(image))
+        stored_type = JPEG if media_type == JPEG else PNG
         out = io.BytesIO()
-        rgb.save(out, format="PNG")
+        if stored_type == JPEG:
+            upright.save(out, format="JPEG", quality=_JPEG_QUALITY)
+        else:
+            upright.save(out, format="PNG")
     except MediaError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise TooManyPixels(str(exc), pixels=_pixels_in(str(exc), limit), limit=limit) from None
     except Exception as exc:  # Pillow signals malformed input with many exception types
         raise CorruptMedia(f"{media_type.name} does not decode: {exc!r}") from None
-    return NormalizedImage(out.getvalue(), rgb.width, rgb.height)
+    return ValidatedImage(out.getvalue(), stored_type, upright.width, upright.height, kept=False)
+
+
+def image_size(data: bytes, media_type: MediaType, max_pixels: int) -> tuple[int, int]:
+    """Width and height from the header of an image validated before; nothing is decoded.
+
+    Raises TooManyPixels when the size is over the cap (which may have been lowered since), CorruptMedia
+    when the header does not parse.
+    """
+    limit = _pixel_limit(max_pixels)
+    try:
+        with _opener(media_type)(io.BytesIO(data)) as image:
+            return _checked_size(image, limit)
+    except MediaError:
+        raise
+    except Exception as exc:
+        raise CorruptMedia(f"{media_type.name} header does not parse: {exc!r}") from None
 
 
 def probe_video(data: bytes, max_pixels: int) -> tuple[int, int]:
@@ -82,6 +115,45 @@ def probe_video(data: bytes, max_pixels: int) -> tuple[int, int]:
     if width * height > max_pixels:
         raise TooManyPixels(f"{width}x{height} video", pixels=width * height, limit=max_pixels)
     return width, height
+
+
+def _opener(media_type: MediaType) -> type[ImageFile.ImageFile]:
+    opener = _OPENERS.get(media_type)
+    if opener is None:
+        raise UnsupportedMediaType(f"{media_type.name} is not an image type")
+    return opener
+
+
+def _checked_size(image: Image.Image, limit: int) -> tuple[int, int]:
+    width, height = image.size
+    if width * height > limit:
+        raise TooManyPixels(f"{width}x{height} image", pixels=width * height, limit=limit)
+    return width, height
+
+
+def _decode_and_check_keepable(image: ImageFile.ImageFile, media_type: MediaType) -> bool:
+    """Decode every pixel of the first frame (raising on damaged data); whether the upload can be stored as
+    sent. A keepable JPEG is decoded at 1/8 scale only, so `image` is then not fit for re-encoding."""
+    keepable = (
+        media_type in _KEEPABLE
+        and image.mode == "RGB"
+        and "transparency" not in image.info
+        and getattr(image, "n_frames", 1) == 1
+        # PNG: 8 bits per channel (16-bit RGB also opens as mode RGB); read from the header, before load.
+        and (media_type != PNG or all(tile.args == "RGB" for tile in image.tile))
+    )
+    if keepable and media_type == JPEG and _is_upright(image):  # JPEG EXIF precedes the pixels
+        image.draft("RGB", (max(1, image.width // 8), max(1, image.height // 8)))
+        image.load()
+        return True
+    image.load()  # the first frame of an animation; raises on truncated data
+    # PNG may carry its eXIf chunk after the pixels, so orientation is read once everything is loaded.
+    return keepable and media_type != JPEG and _is_upright(image)
+
+
+def _is_upright(image: Image.Image) -> bool:
+    """No EXIF (or XMP) orientation, or orientation 1; any other value, even malformed, means re-encoding."""
+    return image.getexif().get(_ORIENTATION_TAG, 1) == 1
 
 
 def _pixel_limit(max_pixels: int) -> int:

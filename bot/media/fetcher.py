@@ -12,21 +12,23 @@ import aiohttp
 
 from bot.content import StoredMedia
 from bot.errors import TooLarge, Unreachable, UnsupportedMediaType
-from bot.media.decode import normalize_image, probe_video
+from bot.media.decode import image_size, probe_video, validate_image
 from bot.media.download import byte_cap, download
-from bot.media.sniff import PNG, SNIFF_BYTES, MediaType, sniff
-from bot.media.storage import store_content_addressed
+from bot.media.sniff import SNIFF_BYTES, MediaType, sniff
+from bot.media.storage import content_path, sha256_hex, store_content_addressed
 from bot.settings import MediaSettings
 
 log = logging.getLogger("bot.media")
 
 
 class MediaFetcher:
-    """Downloads, validates, normalises and stores attachments under `media_dir`.
+    """Downloads, validates and stores attachments under `media_dir`.
 
-    Images become RGB PNGs (EXIF-oriented, first frame), videos keep their bytes; both are stored by the
-    SHA-256 of the stored bytes, so the same picture posted twice is one file. All decoding and disk work
-    runs in worker threads. Failures are the `MediaError` subclasses of `bot.errors`.
+    Images that are already one upright RGB frame keep their bytes (JPEG, PNG, WebP); the others are
+    re-encoded (see `bot.media.decode`). Videos keep their bytes. Files are named by the SHA-256 of the stored
+    bytes, so the same file posted twice is stored once, and an upload whose own hash is already stored is
+    not decoded again (only validated images are ever stored). All decoding and disk work runs in worker
+    threads. Failures are the `MediaError` subclasses of `bot.errors`.
     """
 
     def __init__(
@@ -93,9 +95,18 @@ class MediaFetcher:
         return stored
 
     def _store_image(self, data: bytes, media_type: MediaType) -> StoredMedia:
-        image = normalize_image(data, media_type, self._settings.max_pixels)
-        digest, path = store_content_addressed(self._media_dir, image.png, PNG.extension)
-        return StoredMedia(digest, path, PNG.mime_type, image.width, image.height, len(image.png), "image")
+        max_pixels = self._settings.max_pixels
+        digest = sha256_hex(data)
+        path = content_path(self._media_dir, digest, media_type.extension)
+        if path.is_file():  # stored as sent before, hence validated: read the size from the header only
+            width, height = image_size(data, media_type, max_pixels)
+            return StoredMedia(digest, path, media_type.mime_type, width, height, len(data), "image")
+        image = validate_image(data, media_type, max_pixels)
+        digest, path = store_content_addressed(
+            self._media_dir, image.data, image.media_type.extension, digest=digest if image.kept else None
+        )
+        mime_type = image.media_type.mime_type
+        return StoredMedia(digest, path, mime_type, image.width, image.height, len(image.data), "image")
 
     def _store_video(self, data: bytes, media_type: MediaType) -> StoredMedia:
         width, height = probe_video(data, self._settings.max_pixels)

@@ -38,24 +38,46 @@ def animated_webp() -> bytes:
 
 def exif_rotated_jpeg() -> bytes:
     """A 40x20 JPEG (left red, right blue) tagged with EXIF orientation 6 (display rotated 90° clockwise)."""
+    return encode(two_colour_image(), "JPEG", quality=95, exif=exif_with_orientation(6))
+
+
+def exif_with_orientation(orientation: int) -> bytes:
     exif = Image.Exif()
-    exif[0x0112] = 6
-    return encode(two_colour_image(), "JPEG", quality=95, exif=exif.tobytes())
+    exif[0x0112] = orientation
+    return exif.tobytes()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+def _png(width: int, height: int, bit_depth: int, colour_type: int, idat: bytes) -> bytes:
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _png_chunk(b"IHDR", header)
+        + _png_chunk(b"IDAT", idat)
+        + _png_chunk(b"IEND", b"")
+    )
 
 
 def png_bomb(width: int = 20_000, height: int = 20_000) -> bytes:
     """A valid 1-bit all-black PNG of width x height, about 50 KB: built row by row, never held whole."""
-
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-        )
-
     compressor = zlib.compressobj(9)
     row = b"\x00" * (1 + (width + 7) // 8)  # filter byte + packed bits
     idat = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
-    header = struct.pack(">IIBBBBB", width, height, 1, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    return _png(width, height, 1, 0, idat)
+
+
+def rgb16_png(width: int = 40, height: int = 20) -> bytes:
+    """A 16-bit-per-channel RGB PNG (Pillow reads it as mode RGB, cannot write it): left red, right blue."""
+    pixels = two_colour_image(width, height).load()
+    assert pixels is not None
+    rows = []
+    for y in range(height):
+        row = b"".join(struct.pack(">HHH", *(value * 257 for value in pixels[x, y])) for x in range(width))
+        rows.append(b"\x00" + row)
+    return _png(width, height, 16, 2, zlib.compress(b"".join(rows)))
 
 
 def video(container: str, codec: str, width: int = 64, height: int = 48, frames: int = 4) -> bytes:

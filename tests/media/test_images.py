@@ -1,4 +1,4 @@
-"""Image validation and normalisation: sniffing, pixel cap, corrupt files, orientation, content addressing."""
+"""Images: sniffing, pixel cap, corrupt files, kept as sent or re-encoded, content addressing, repeats."""
 
 from __future__ import annotations
 
@@ -22,9 +22,13 @@ from tests.media.factories import (
     animated_webp,
     encode,
     exif_rotated_jpeg,
+    exif_with_orientation,
     png_bomb,
+    rgb16_png,
     two_colour_image,
 )
+
+FORMATS = {"image/png": ("PNG", ".png"), "image/jpeg": ("JPEG", ".jpg"), "image/webp": ("WEBP", ".webp")}
 
 
 def assert_close(actual: tuple[int, ...], expected: tuple[int, int, int], tolerance: int = 30) -> None:
@@ -32,9 +36,14 @@ def assert_close(actual: tuple[int, ...], expected: tuple[int, int, int], tolera
 
 
 def open_stored(stored: StoredMedia) -> Image.Image:
+    """The stored image, after checking that its format, suffix and size match what StoredMedia says."""
+    fmt, suffix = FORMATS[stored.mime_type]
+    assert stored.path.suffix == suffix
     with Image.open(stored.path) as image:
-        assert image.format == "PNG"
-        return image.convert("RGB") if image.mode != "RGB" else image.copy()
+        assert image.format == fmt
+        assert image.mode == "RGB" and image.size == (stored.width, stored.height)
+        assert image.getexif().get(0x0112, 1) == 1
+        return image.copy()
 
 
 def assert_content_addressed(stored: StoredMedia, media_dir: Path) -> None:
@@ -44,65 +53,189 @@ def assert_content_addressed(stored: StoredMedia, media_dir: Path) -> None:
     assert stored.path == media_dir.resolve() / stored.sha256[:2] / f"{stored.sha256}{stored.path.suffix}"
 
 
+def stored_files(media_dir: Path) -> list[Path]:
+    return sorted(path for path in media_dir.rglob("*") if path.is_file())
+
+
 @pytest.mark.parametrize(
-    ("fmt", "options"),
+    ("fmt", "options", "mime_type"),
     [
-        ("PNG", {}),
-        ("JPEG", {"quality": 95}),
-        ("WEBP", {"lossless": True}),
-        ("GIF", {}),
-        ("PNG", {"mode": "RGBA"}),
+        ("JPEG", {"quality": 95}, "image/jpeg"),
+        ("JPEG", {"quality": 95, "progressive": True}, "image/jpeg"),
+        ("JPEG", {"quality": 95, "exif": exif_with_orientation(1)}, "image/jpeg"),
+        ("PNG", {}, "image/png"),
+        ("WEBP", {"lossless": True}, "image/webp"),
+        ("WEBP", {"quality": 90}, "image/webp"),
     ],
+    ids=["jpeg", "progressive-jpeg", "jpeg-orientation-1", "png", "lossless-webp", "lossy-webp"],
 )
-async def test_good_images_are_normalised_to_rgb_png(
-    media_server: MediaServer, fetcher: MediaFetcher, tmp_path: Path, fmt: str, options: dict[str, object]
+async def test_upright_rgb_uploads_are_stored_byte_identical(
+    media_server: MediaServer,
+    fetcher: MediaFetcher,
+    tmp_path: Path,
+    fmt: str,
+    options: dict[str, object],
+    mime_type: str,
 ) -> None:
-    mode = options.pop("mode", "RGB")
-    image = two_colour_image().convert(str(mode))
-    url = media_server.serve_bytes(f"/picture.{fmt.lower()}", encode(image, fmt, **options))
-    stored = await fetcher.fetch(url)
-    assert (stored.kind, stored.mime_type, stored.width, stored.height) == ("image", "image/png", 40, 20)
-    assert stored.path.suffix == ".png"
+    upload = encode(two_colour_image(), fmt, **options)
+    stored = await fetcher.fetch(media_server.serve_bytes(f"/picture.{fmt.lower()}", upload))
+    assert (stored.kind, stored.mime_type, stored.width, stored.height) == ("image", mime_type, 40, 20)
+    assert stored.path.read_bytes() == upload
+    assert stored.sha256 == hashlib.sha256(upload).hexdigest()
     assert_content_addressed(stored, tmp_path / "media")
     saved = open_stored(stored)
-    assert saved.mode == "RGB"
     assert_close(saved.getpixel((2, 10)), RED)
     assert_close(saved.getpixel((37, 10)), BLUE)
 
 
-async def test_transparent_pixels_become_white(fetcher: MediaFetcher) -> None:
-    image = Image.new("RGBA", (8, 8), (0, 0, 0, 0))
-    stored = await fetcher.store_bytes(encode(image, "PNG"))
-    assert open_stored(stored).getpixel((4, 4)) == (255, 255, 255)
+async def test_tiny_jpeg_is_kept(fetcher: MediaFetcher) -> None:
+    upload = encode(Image.new("RGB", (3, 2), RED), "JPEG")  # smaller than one 1/8-scale block
+    stored = await fetcher.store_bytes(upload)
+    assert (stored.mime_type, stored.width, stored.height) == ("image/jpeg", 3, 2)
+    assert stored.path.read_bytes() == upload
 
 
-@pytest.mark.parametrize("make", [animated_gif, animated_webp], ids=["gif", "webp"])
-async def test_animations_keep_their_first_frame(fetcher: MediaFetcher, make: object) -> None:
-    assert callable(make)
-    stored = await fetcher.store_bytes(make())
-    assert (stored.width, stored.height) == (16, 12)
-    assert_close(open_stored(stored).getpixel((8, 6)), RED)
-
-
-async def test_exif_orientation_is_applied(fetcher: MediaFetcher) -> None:
-    stored = await fetcher.store_bytes(exif_rotated_jpeg())
-    assert (stored.width, stored.height) == (20, 40)  # 40x20 turned a quarter
-    saved = open_stored(stored)
+async def test_exif_rotated_jpeg_is_reencoded_as_an_upright_jpeg(
+    fetcher: MediaFetcher, tmp_path: Path
+) -> None:
+    upload = exif_rotated_jpeg()
+    stored = await fetcher.store_bytes(upload)
+    assert (stored.mime_type, stored.width, stored.height) == ("image/jpeg", 20, 40)  # 40x20 turned a quarter
+    assert stored.path.read_bytes() != upload
+    assert_content_addressed(stored, tmp_path / "media")
+    saved = open_stored(stored)  # also checks that no orientation tag is left
     # Turned clockwise, the red left half ends up on top.
     assert_close(saved.getpixel((10, 3)), RED)
     assert_close(saved.getpixel((10, 36)), BLUE)
 
 
-async def test_same_picture_twice_is_stored_once(
+async def test_exif_rotated_png_is_reencoded_as_an_upright_png(fetcher: MediaFetcher) -> None:
+    stored = await fetcher.store_bytes(encode(two_colour_image(), "PNG", exif=exif_with_orientation(6)))
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 20, 40)
+    saved = open_stored(stored)
+    assert saved.getpixel((10, 3)) == RED and saved.getpixel((10, 36)) == BLUE  # lossless
+
+
+async def test_rgba_png_becomes_rgb_png_over_white(fetcher: MediaFetcher) -> None:
+    image = two_colour_image().convert("RGBA")
+    image.paste((0, 0, 0, 0), (0, 0, 8, 8))  # a fully transparent corner
+    upload = encode(image, "PNG")
+    stored = await fetcher.store_bytes(upload)
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 40, 20)
+    assert stored.path.read_bytes() != upload
+    saved = open_stored(stored)
+    assert saved.getpixel((4, 4)) == (255, 255, 255)
+    assert saved.getpixel((2, 15)) == RED and saved.getpixel((37, 10)) == BLUE
+
+
+async def test_rgb_png_with_a_transparent_colour_is_reencoded(fetcher: MediaFetcher) -> None:
+    stored = await fetcher.store_bytes(encode(two_colour_image(), "PNG", transparency=RED))
+    assert stored.mime_type == "image/png"
+    saved = open_stored(stored)
+    assert saved.getpixel((2, 10)) == (255, 255, 255) and saved.getpixel((37, 10)) == BLUE
+
+
+async def test_webp_with_alpha_is_reencoded_as_png(fetcher: MediaFetcher) -> None:
+    image = two_colour_image().convert("RGBA")
+    image.paste((0, 0, 0, 0), (0, 0, 8, 8))
+    stored = await fetcher.store_bytes(encode(image, "WEBP", lossless=True))
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 40, 20)
+    saved = open_stored(stored)
+    assert saved.getpixel((4, 4)) == (255, 255, 255) and saved.getpixel((2, 15)) == RED
+
+
+@pytest.mark.parametrize("make", [animated_gif, animated_webp], ids=["gif", "webp"])
+async def test_animations_keep_their_first_frame_as_png(fetcher: MediaFetcher, make: object) -> None:
+    assert callable(make)
+    stored = await fetcher.store_bytes(make())
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 16, 12)
+    with Image.open(stored.path) as saved:
+        assert getattr(saved, "n_frames", 1) == 1
+    assert_close(open_stored(stored).getpixel((8, 6)), RED)
+
+
+async def test_still_gif_becomes_png(fetcher: MediaFetcher) -> None:
+    stored = await fetcher.store_bytes(encode(two_colour_image(), "GIF"))
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 40, 20)
+    assert_close(open_stored(stored).getpixel((2, 10)), RED)
+
+
+@pytest.mark.parametrize(
+    ("mode", "fmt", "mime_type"),
+    [
+        ("L", "PNG", "image/png"),
+        ("P", "PNG", "image/png"),
+        ("LA", "PNG", "image/png"),
+        ("1", "PNG", "image/png"),
+        ("I;16", "PNG", "image/png"),
+        ("L", "JPEG", "image/jpeg"),
+        ("CMYK", "JPEG", "image/jpeg"),
+    ],
+)
+async def test_other_modes_are_reencoded_as_rgb(
+    fetcher: MediaFetcher, mode: str, fmt: str, mime_type: str
+) -> None:
+    image = two_colour_image()
+    converted = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
+    upload = encode(converted, fmt)
+    stored = await fetcher.store_bytes(upload)
+    assert (stored.mime_type, stored.width, stored.height) == (mime_type, 40, 20)
+    assert stored.path.read_bytes() != upload
+    open_stored(stored)  # RGB, the stated format and size
+
+
+async def test_grayscale_png_keeps_its_grey_levels_in_rgb(fetcher: MediaFetcher) -> None:
+    stored = await fetcher.store_bytes(encode(two_colour_image().convert("L"), "PNG"))
+    grey = two_colour_image().convert("L").getpixel((2, 10))
+    assert open_stored(stored).getpixel((2, 10)) == (grey, grey, grey)
+
+
+async def test_16_bit_rgb_png_is_reencoded_at_8_bits(fetcher: MediaFetcher) -> None:
+    upload = rgb16_png()
+    stored = await fetcher.store_bytes(upload)
+    assert (stored.mime_type, stored.width, stored.height) == ("image/png", 40, 20)
+    assert stored.byte_size < len(upload) and stored.path.read_bytes()[24] == 8  # IHDR bit depth
+    assert open_stored(stored).getpixel((2, 10)) == RED
+
+
+async def test_same_upload_twice_is_stored_once(
     media_server: MediaServer, fetcher: MediaFetcher, tmp_path: Path
 ) -> None:
     png = encode(two_colour_image(), "PNG")
     first = await fetcher.fetch(media_server.serve_bytes("/one.png", png))
     second = await fetcher.store_bytes(png)
-    # Same pixels in another container (lossless WebP) normalise to the same stored file too.
-    third = await fetcher.store_bytes(encode(two_colour_image(), "WEBP", lossless=True))
-    assert first == second == third
-    assert [path for path in (tmp_path / "media").rglob("*") if path.is_file()] == [first.path]
+    assert first == second
+    rotated_first = await fetcher.store_bytes(exif_rotated_jpeg())
+    rotated_second = await fetcher.store_bytes(exif_rotated_jpeg())  # re-encoded the same way again
+    assert rotated_first == rotated_second
+    assert stored_files(tmp_path / "media") == sorted([first.path, rotated_first.path])
+
+
+async def test_a_repeat_is_not_decoded_again(
+    media_server: MediaServer, fetcher: MediaFetcher, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    upload = encode(two_colour_image(), "JPEG", quality=90)
+    first = await fetcher.store_bytes(upload)
+
+    def must_not_decode(*_args: object) -> None:
+        raise AssertionError("a repeat was decoded again")
+
+    monkeypatch.setattr("bot.media.fetcher.validate_image", must_not_decode)
+    assert await fetcher.store_bytes(upload) == first
+    assert await fetcher.fetch(media_server.serve_bytes("/again.jpg", upload)) == first
+    with pytest.raises(AssertionError, match="decoded again"):  # a new upload still is
+        await fetcher.store_bytes(encode(two_colour_image(), "JPEG", quality=80))
+
+
+async def test_a_repeat_over_a_lowered_pixel_cap_is_refused(
+    fetcher: MediaFetcher, media_settings: MediaSettings, tmp_path: Path
+) -> None:
+    upload = encode(two_colour_image(), "PNG")
+    await fetcher.store_bytes(upload)
+    settings = media_settings.model_copy(update={"max_pixels": 40 * 20 - 1})
+    async with MediaFetcher(settings, tmp_path / "media") as stricter:
+        with pytest.raises(TooManyPixels):
+            await stricter.store_bytes(upload)
 
 
 async def test_text_named_png_is_unsupported(fetcher: MediaFetcher, tmp_path: Path) -> None:
@@ -116,13 +249,32 @@ async def test_text_named_png_is_unsupported(fetcher: MediaFetcher, tmp_path: Pa
         await fetcher.store_file(path)
 
 
-async def test_truncated_jpeg_is_corrupt(media_server: MediaServer, fetcher: MediaFetcher) -> None:
-    jpeg = encode(Image.effect_noise((64, 64), 50).convert("RGB"), "JPEG", quality=90)
-    for data in (jpeg[: len(jpeg) // 2], jpeg[:200] + b"\0" * 100):
+async def test_truncated_jpeg_on_the_kept_path_is_corrupt(
+    media_server: MediaServer, fetcher: MediaFetcher, tmp_path: Path
+) -> None:
+    jpeg = encode(Image.effect_noise((256, 256), 50).convert("RGB"), "JPEG", quality=90)
+    with Image.open(io.BytesIO(jpeg)) as image:  # the premise: an upright RGB JPEG, stored as sent when whole
+        assert image.mode == "RGB" and not image.getexif()
+    for data in (jpeg[: len(jpeg) // 2], jpeg[:-2], jpeg[:200] + b"\0" * 100):
         url = media_server.serve_bytes("/cut.jpg", data)
         with pytest.raises(CorruptMedia) as caught:
             await fetcher.fetch(url)
         assert caught.value.user_message.strip()
+    assert stored_files(tmp_path / "media") == []
+    assert (await fetcher.store_bytes(jpeg)).path.read_bytes() == jpeg
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options"),
+    [("JPEG", {"exif": exif_with_orientation(6)}), ("PNG", {}), ("WEBP", {"quality": 90})],
+    ids=["rotated-jpeg", "png", "webp"],
+)
+async def test_truncated_images_are_corrupt(
+    fetcher: MediaFetcher, fmt: str, options: dict[str, object]
+) -> None:
+    data = encode(Image.effect_noise((128, 128), 50).convert("RGB"), fmt, **options)
+    with pytest.raises(CorruptMedia):
+        await fetcher.store_bytes(data[: len(data) * 2 // 3])
 
 
 async def test_decompression_bomb_is_refused_from_its_header(
@@ -153,9 +305,9 @@ async def test_pillow_guard_applies_when_the_configured_cap_is_higher(
 
 async def test_just_over_the_pixel_cap(fetcher: MediaFetcher, media_settings: MediaSettings) -> None:
     side = int(media_settings.max_pixels**0.5) + 1
-    data = encode(Image.new("1", (side, side)), "PNG")
-    with pytest.raises(TooManyPixels):
-        await fetcher.store_bytes(data)
+    for data in (encode(Image.new("1", (side, side)), "PNG"), encode(Image.new("RGB", (side, side)), "JPEG")):
+        with pytest.raises(TooManyPixels):
+            await fetcher.store_bytes(data)
 
 
 async def test_store_bytes_enforces_the_byte_cap(
@@ -171,7 +323,8 @@ async def test_store_file(fetcher: MediaFetcher, media_settings: MediaSettings, 
     path = tmp_path / "photo.jpeg"
     path.write_bytes(encode(two_colour_image(), "JPEG"))
     stored = await fetcher.store_file(path)
-    assert (stored.width, stored.height, stored.mime_type) == (40, 20, "image/png")
+    assert (stored.width, stored.height, stored.mime_type) == (40, 20, "image/jpeg")
+    assert stored.path.read_bytes() == path.read_bytes()
 
     big = tmp_path / "big.bin"
     with big.open("wb") as handle:  # sparse: over every cap without writing the bytes
@@ -181,16 +334,6 @@ async def test_store_file(fetcher: MediaFetcher, media_settings: MediaSettings, 
     with pytest.raises(Unreachable) as caught:
         await fetcher.store_file(tmp_path / "missing.png")
     assert "missing.png" in caught.value.user_message
-
-
-@pytest.mark.parametrize("mode", ["L", "P", "CMYK", "I;16", "LA", "1"])
-async def test_unusual_modes_become_rgb(fetcher: MediaFetcher, mode: str) -> None:
-    image = two_colour_image().convert("RGB")
-    fmt = "JPEG" if mode == "CMYK" else "PNG"
-    converted = image.convert(mode) if mode != "I;16" else image.convert("L").convert("I;16")
-    stored = await fetcher.store_bytes(encode(converted, fmt))
-    saved = open_stored(stored)
-    assert saved.mode == "RGB" and saved.size == (40, 20)
 
 
 def test_png_bomb_factory_is_what_it_claims() -> None:
