@@ -1,8 +1,8 @@
 """Messages → questions: decide whether a message is for the bot, then answer it as a reply.
 
 A message is for the bot when it mentions the bot, replies to one of the bot's messages, arrives in a thread
-whose conversation the bot is part of (if configured), or is a DM (if allowed). Bots and everything outside
-the allow-lists are ignored.
+the bot started or whose conversation it is part of (if configured), or is a DM (if allowed). Bots and
+everything outside the allow-lists are ignored.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class MessageHandler:
         in_bot_thread = (
             scope.thread_id is not None
             and self._settings.answer_in_bot_threads_without_mention
-            and await self._service.has_conversation(scope)
+            and (_opened_by(channel, me.id) or await self._service.has_conversation(scope))
         )
         triggered = (
             mentioned
@@ -163,3 +163,9 @@ class MessageHandler:
             "a message for the bot arrived with no text and no attachments: if this repeats, switch on the "
             "MESSAGE CONTENT intent for this bot in the Discord Developer Portal"
         )
+
+
+def _opened_by(channel: discord.abc.Messageable, user_id: int) -> bool:
+    """Whether `channel` is a thread that `user_id` started (the bot's own threads are its conversations,
+    even before a first answer was stored there, e.g. after "Please ask me something")."""
+    return isinstance(channel, discord.Thread) and channel.owner_id == user_id

@@ -17,13 +17,14 @@ import pytest
 import pytest_asyncio
 
 from bot.content import ConversationScope
+from bot.discord.commands import NO_ATTACHMENTS
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages, Unreachable, UnsupportedMediaType
 from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
 from tests.fakediscord.server import EPHEMERAL_FLAG, FakeDiscord, FakeUser
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHANNELS = ["threads", "busy", "waiting", "full-a", "full-b", "full-c", "inputs", "commands", "menu"]
+CHANNELS = ["threads", "busy", "waiting", "asking", "full-a", "full-b", "full-c", "inputs", "ask", "menu"]
 MAX_IMAGES = 2  # vision.max_images_per_message in the harness settings
 
 
@@ -158,6 +159,29 @@ async def test_a_waiting_question_shows_its_place_then_becomes_the_answer(world:
     assert await world.stats(world.scope("waiting", waiting)) == (1, 0)
 
 
+async def test_a_waiting_ask_command_shows_its_place_in_the_deferred_response(world: World) -> None:
+    fake = world.fake
+    known = len(world.bot.replies)
+    with world.bot.hold_engine() as gate:
+        busy = await world.ask("busy", "keeps the engine busy")
+        await world.bot.wait_engine(lambda stats: stats.running == 1)
+        token = await fake.slash_command(
+            world.channels["asking"], world.alice, "ask", [{"name": "question", "type": 3, "value": "hi?"}]
+        )
+        shown = await fake.wait_for_request(
+            lambda r: r.method == "PATCH" and r.path.endswith(f"/{token}/messages/@original")
+        )
+        assert shown.body["content"] == "⏳ 1 question ahead of yours…"
+        gate.set()
+        reply_id = await world.bot.wait_reply(world.channels["asking"], after=known)
+        await world.bot.wait_reply(busy, after=known)
+    (answer,) = [entry[0] for entry in world.bot.replies[known:] if entry[1] == reply_id]
+    assert fake.requests_to("PATCH", f"/{token}/messages/@original")[-1].body["content"] == answer.text
+    assert fake.messages[reply_id]["content"] == answer.text
+    assert not fake.requests_to("POST", f"/webhooks/{fake.application_id}/{token}"), "no follow-up needed"
+    assert await world.stats(world.scope("asking")) == (1, 0)
+
+
 async def test_a_question_over_the_queue_limit_is_told_to_come_back(world: World) -> None:
     fake = world.fake
     known = len(world.bot.replies)
@@ -179,11 +203,19 @@ async def test_a_question_over_the_queue_limit_is_told_to_come_back(world: World
     assert [post["content"] for post in _posts(world, overflow)] == [QueueFull.user_message]
 
 
-async def test_a_bare_mention_is_asked_for_a_question(world: World) -> None:
+async def test_a_bare_mention_is_asked_for_a_question_in_the_thread_it_opens(world: World) -> None:
+    fake = world.fake
     thread_id = await world.ask("inputs", "")
-    reply = await world.fake.wait_for_message(thread_id)
+    reply = await fake.wait_for_message(thread_id)
     assert reply["content"] == EmptyQuestion.user_message
+    (opened,) = fake.requests_to("POST", f"/messages/{thread_id}/threads")
+    assert opened.body["name"] == "Question"
     assert await world.stats(world.scope("inputs", thread_id)) == (0, 0)
+    # The thread is the bot's: the question asked there next needs no mention.
+    known = len(world.bot.replies)
+    await fake.send_message(thread_id, world.alice, "sorry: what can you do?")
+    await world.bot.wait_reply(thread_id, after=known)
+    assert await world.stats(world.scope("inputs", thread_id)) == (1, 0)
 
 
 async def test_too_many_images_are_refused_before_downloading(world: World) -> None:
@@ -216,7 +248,7 @@ async def test_ask_with_a_file_that_is_not_an_image_fails_privately(world: World
     data = b"just some notes, not a picture\n" * 4
     attachment = fake.attachment(fake.add_file("notes.txt", data, "text/plain"), "notes.txt", len(data), None)
     token = await fake.slash_command(
-        world.channels["commands"],
+        world.channels["ask"],
         world.alice,
         "ask",
         [
@@ -225,7 +257,7 @@ async def test_ask_with_a_file_that_is_not_an_image_fails_privately(world: World
         ],
         resolved={"attachments": {attachment["id"]: attachment}},
     )
-    await _assert_failure_shown_privately(world, "commands", token, UnsupportedMediaType.user_message)
+    await _assert_failure_shown_privately(world, "ask", token, UnsupportedMediaType.user_message)
     assert fake.requests_to("GET", "/cdn/notes.txt"), "the file was downloaded and sniffed"
 
 
@@ -236,6 +268,13 @@ async def test_the_image_menu_on_a_dead_link_fails_privately(world: World) -> No
     token = await fake.context_menu(channel, world.alice, "Ask about this image", int(target["id"]))
     await _assert_failure_shown_privately(world, "menu", token, Unreachable.user_message)
     assert fake.requests_to("GET", "/cdn/gone.png")
+
+
+async def test_the_image_menu_on_a_message_without_attachments_says_so_privately(world: World) -> None:
+    fake, channel = world.fake, world.channels["menu"]
+    target = await fake.send_message(channel, world.alice, "no picture here")
+    token = await fake.context_menu(channel, world.alice, "Ask about this image", int(target["id"]))
+    await _assert_failure_shown_privately(world, "menu", token, NO_ATTACHMENTS)
 
 
 async def test_the_token_never_appears_in_logs(world: World) -> None:
