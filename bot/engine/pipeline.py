@@ -16,13 +16,15 @@ from typing import Any
 
 import torch
 from PIL import Image
-from qwen_vl_utils import process_vision_info
+from qwen_vl_utils import extract_vision_info, process_vision_info
 from transformers import BatchFeature
 from transformers.generation.streamers import BaseStreamer
 
-from bot.engine.vision_cache import VisionCache, cached_image_features
+from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_features
 
 _VISION_KEYS = ("image", "image_url", "video")
+# An image part's own settings that shape its pixels (its file or PIL image and the processor do the rest).
+_IMAGE_SETTINGS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
 
 
 @dataclass
@@ -50,6 +52,8 @@ class PreparedBatch:
 
     inputs: BatchFeature
     prompt_texts: list[str]
+    # One vision-cache key per image (rows of `image_grid_thw`); None when the pipeline has no cache.
+    image_keys: list[str] | None = None
 
 
 class Pipeline:
@@ -69,6 +73,8 @@ class Pipeline:
         self.min_pixels = min_pixels
         self.max_pixels = max_pixels
         self.vision_cache = vision_cache
+        self._file_digests = FileDigests()
+        self._processor_digest = hashlib.sha256(processor.image_processor.to_json_string().encode()).digest()
         eos = model.generation_config.eos_token_id
         self._eos_ids = frozenset([eos] if isinstance(eos, int) else (eos or []))
         pad = model.generation_config.pad_token_id
@@ -85,6 +91,7 @@ class Pipeline:
             self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             for messages in conversations
         ]
+        images = self._image_identities(conversations) if self.vision_cache is not None else None
         image_inputs, videos, video_kwargs = process_vision_info(
             conversations, return_video_kwargs=True, return_video_metadata=True
         )
@@ -106,7 +113,8 @@ class Pipeline:
             return_tensors="pt",
             **processor_kwargs,
         )
-        return PreparedBatch(inputs=inputs, prompt_texts=texts)
+        image_keys = None if images is None else self._image_keys(images, inputs)
+        return PreparedBatch(inputs=inputs, prompt_texts=texts, image_keys=image_keys)
 
     def run_batch(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> list[PipelineOutput]:
         """Answer every request with one `generate` call; all requests must share the same generate_kwargs."""
@@ -116,7 +124,7 @@ class Pipeline:
             raise ValueError("requests in one batch must share the same generate_kwargs")
         generate_kwargs = {k: v for k, v in requests[0].generate_kwargs.items() if v is not None}
         prepared = self.prepare(requests, pixel_scale=pixel_scale)
-        vision_cache = self._vision_cache(prepared.inputs)  # hashes the pixels while they are on the CPU
+        vision_cache = self._vision_cache(prepared.image_keys)
         inputs = prepared.inputs.to(self.model.device)
         if any(request.on_text is not None for request in requests):
             generate_kwargs["streamer"] = _BatchStreamer(
@@ -135,10 +143,42 @@ class Pipeline:
             for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)
         ]
 
-    def _vision_cache(self, inputs: BatchFeature) -> contextlib.AbstractContextManager[None]:
-        if self.vision_cache is None or inputs.get("pixel_values") is None:
+    def _vision_cache(self, image_keys: list[str] | None) -> contextlib.AbstractContextManager[None]:
+        if self.vision_cache is None or not image_keys:
             return contextlib.nullcontext()
-        return cached_image_features(self.model, self.vision_cache, _image_keys(inputs))
+        return cached_image_features(self.model, self.vision_cache, image_keys)
+
+    def _image_identities(self, conversations: list[list[dict]]) -> list[_ImageIdentity]:
+        """Each image's file digest (None for an in-memory image) and settings, in the processor's order.
+
+        `extract_vision_info` is what `process_vision_info` walks: images in message order across the batch.
+        """
+        identities = []
+        for part in extract_vision_info(conversations):
+            if "image" not in part and "image_url" not in part:
+                continue  # a video
+            source = part["image"] if "image" in part else part["image_url"]
+            file_digest = self._file_digests.digest(source) if isinstance(source, str) else None
+            settings = repr(tuple(part.get(name) for name in _IMAGE_SETTINGS))
+            identities.append(_ImageIdentity(file_digest, settings))
+        return identities
+
+    def _image_keys(self, images: list[_ImageIdentity], inputs: BatchFeature) -> list[str]:
+        """One cache key per image: its file's digest (or, in memory, its pixel values), grid and settings."""
+        if not images:
+            return []
+        grid = inputs["image_grid_thw"]
+        chunks = torch.split(inputs["pixel_values"], grid.prod(dim=-1).tolist())
+        keys = []
+        for image, chunk, thw in zip(images, chunks, grid.tolist(), strict=True):
+            if image.file_digest is not None:
+                digest = hashlib.sha256(b"file:" + image.file_digest)
+            else:
+                digest = hashlib.sha256(b"pixels:" + chunk.contiguous().numpy().tobytes())
+                digest.update(str(chunk.dtype).encode())
+            digest.update(f"{thw}:{image.settings}:".encode() + self._processor_digest)
+            keys.append(digest.hexdigest())
+        return keys
 
     def _answer_ids(self, ids: list[int]) -> list[int]:
         for index, token_id in enumerate(ids):
@@ -186,17 +226,12 @@ class Pipeline:
         return part
 
 
-def _image_keys(inputs: BatchFeature) -> list[str]:
-    """One content key per image: a hash of its pixel values and its grid."""
-    pixel_values = inputs["pixel_values"].cpu()
-    grid = inputs["image_grid_thw"].cpu()
-    sizes = grid.prod(dim=-1).tolist()
-    keys = []
-    for chunk, thw in zip(torch.split(pixel_values, sizes), grid.tolist(), strict=True):
-        digest = hashlib.sha256(chunk.contiguous().numpy().tobytes())
-        digest.update(f"{thw}:{chunk.dtype}".encode())
-        keys.append(digest.hexdigest())
-    return keys
+@dataclass(frozen=True)
+class _ImageIdentity:
+    """What the cache key of one image starts from, known before its pixels are read."""
+
+    file_digest: bytes | None  # sha256 of the image file's bytes; None for an in-memory image
+    settings: str  # the part's own pixel settings (min/max pixels, explicit size)
 
 
 class _BatchStreamer(BaseStreamer):

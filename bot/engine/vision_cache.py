@@ -1,14 +1,17 @@
 """LRU cache of the vision encoder's output per image, bounded by a byte budget.
 
 A follow-up question about the same image re-sends the whole conversation, image included. The cache
-keeps each image's encoder output, keyed by a hash of its pixel values and grid, so the encoder does not run
-again; the model still receives `input_ids`, `pixel_values` and `image_grid_thw`, so its multimodal position
-ids stay exactly as without the cache. Confined to the one thread that owns the model.
+keeps each image's encoder output, keyed by what determines it (the file's bytes or the pixel values, the
+grid, the pixel settings; see `Pipeline`), so the encoder does not run again; the model still receives
+`input_ids`, `pixel_values` and `image_grid_thw`, so its multimodal position ids stay exactly as without the
+cache. Confined to the one thread that owns the model.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import os
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -77,6 +80,36 @@ class VisionCache:
             self._owner = ident
         elif self._owner != ident:
             raise RuntimeError("VisionCache is confined to the thread that first used it")
+
+
+class FileDigests:
+    """sha256 of local files' bytes, remembered for the last `capacity` files by path, inode, mtime and size.
+
+    A file rewritten in place within one mtime tick at the same size would keep its old digest; media files
+    are content-addressed and written atomically (a new inode), so that does not happen here.
+    """
+
+    def __init__(self, capacity: int = 256) -> None:
+        self.capacity = capacity
+        self._digests: OrderedDict[tuple[str, int, int, int], bytes] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._digests)
+
+    def digest(self, path: str) -> bytes:
+        """The sha256 digest of the file at `path`, read and hashed only when the file is new or changed."""
+        stat = os.stat(path)
+        memo_key = (path, stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        digest = self._digests.get(memo_key)
+        if digest is not None:
+            self._digests.move_to_end(memo_key)
+            return digest
+        with open(path, "rb") as file:
+            digest = hashlib.file_digest(file, "sha256").digest()
+        self._digests[memo_key] = digest
+        while len(self._digests) > self.capacity:
+            self._digests.popitem(last=False)
+        return digest
 
 
 @contextlib.contextmanager
