@@ -5,7 +5,7 @@ temporary directory) and the real `MediaFetcher`:
 
     lookups         find_conversation + is_recorded
     fetch           download a ~2 MB photo-like JPEG from a loopback aiohttp server on 127.0.0.1
-                    (allowed_hosts = ["127.0.0.1"]), sniff, decode, normalise to PNG, store by sha256
+                    (allowed_hosts = ["127.0.0.1"]), sniff, validate (re-encode if needed), store by sha256
     load_window     the newest 2 × history.max_turns messages
     build_messages  the Qwen messages list within budget (text tokens counted with the model's tokenizer)
     record_turn     question, media and answer in one transaction
@@ -13,7 +13,7 @@ temporary directory) and the real `MediaFetcher`:
 Rows: distinct JPEGs (content addressing cannot short-circuit), the same JPEG every time, and text only.
 Conversations are pre-filled with `--history-turns` turns so the window is full. A second table splits
 `fetch` for the distinct JPEGs into its parts, next to cheaper alternatives (a 1/8-scale draft decode, PNG
-level 1, a JPEG re-encode, keeping the JPEG as sent); `--profile` adds a cProfile of `normalize_image`.
+level 1, a JPEG re-encode, keeping the JPEG as sent); `--profile` adds a cProfile of `validate_image`.
 
     python bench/bench_overhead.py [--messages 50] [--width 2048 --height 1536] [--profile] [--model DIR]
 """
@@ -54,7 +54,7 @@ from transformers import AutoTokenizer
 from bot.content import ChatMessage, ConversationScope, MediaPart, TextPart
 from bot.conversation import build_messages
 from bot.media import MediaFetcher
-from bot.media.decode import normalize_image
+from bot.media.decode import validate_image
 from bot.media.download import download
 from bot.media.sniff import JPEG
 from bot.media.storage import store_content_addressed
@@ -140,9 +140,9 @@ async def prefill(bot: Bot, scopes: Sequence[ConversationScope], turns: int, sma
 
 def fetch_breakdown(jpegs: Sequence[bytes], settings: Settings, media_dir: Path) -> tuple[list[tuple], float]:
     """Median and p90 ms of each part of `fetch` after the download, and of two alternatives, run one by one
-    on this thread; and the mean size of the normalised PNGs in bytes."""
+    on this thread; and the mean size of the stored images in bytes."""
     parts: dict[str, list[float]] = {}
-    png_sizes = []
+    stored_sizes = []
 
     def timed(label: str, work: Callable[[], T]) -> T:
         started = time.perf_counter()
@@ -168,21 +168,21 @@ def fetch_breakdown(jpegs: Sequence[bytes], settings: Settings, media_dir: Path)
         timed("PNG encode, level 6 (Pillow default)", lambda rgb=rgb: encode(rgb, format="PNG"))
         timed("PNG encode, level 1", lambda rgb=rgb: encode(rgb, format="PNG", compress_level=1))
         timed("JPEG encode, quality 95", lambda rgb=rgb: encode(rgb, format="JPEG", quality=95))
-        normalized = timed(
-            "normalize_image as shipped (decode + PNG)",
-            lambda data=data: normalize_image(data, JPEG, settings.media.max_pixels),
+        validated = timed(
+            "validate_image as shipped (1/8 draft decode, kept as sent)",
+            lambda data=data: validate_image(data, JPEG, settings.media.max_pixels),
         )
-        png_sizes.append(len(normalized.png))
+        stored_sizes.append(len(validated.data))
         timed(
-            "sha256 + write, the PNG",
-            lambda png=normalized.png: store_content_addressed(media_dir, png, ".png"),
+            "sha256 + write, what validate_image returns",
+            lambda stored=validated.data: store_content_addressed(media_dir, stored, ".jpg"),
         )
         timed(
             "sha256 + write, the JPEG as sent",
             lambda data=data: store_content_addressed(media_dir, data, ".jpg"),
         )
     rows = [(name, median_ms(values), p90_ms(values)) for name, values in parts.items()]
-    return rows, float(np.mean(png_sizes))
+    return rows, float(np.mean(stored_sizes))
 
 
 async def time_downloads(urls: Sequence[str], settings: Settings) -> list[float]:
@@ -196,14 +196,14 @@ async def time_downloads(urls: Sequence[str], settings: Settings) -> list[float]
     return timings
 
 
-def profile_normalize(jpegs: Sequence[bytes], settings: Settings) -> None:
-    """Print where `normalize_image` spends its time (cProfile, top functions by own time)."""
+def profile_validate(jpegs: Sequence[bytes], settings: Settings) -> None:
+    """Print where `validate_image` spends its time (cProfile, top functions by own time)."""
     profiler = cProfile.Profile()
     profiler.enable()
     for data in jpegs:
-        normalize_image(data, JPEG, settings.media.max_pixels)
+        validate_image(data, JPEG, settings.media.max_pixels)
     profiler.disable()
-    print(f"\ncProfile of normalize_image over {len(jpegs)} JPEGs (top 12 by own time):")
+    print(f"\ncProfile of validate_image over {len(jpegs)} JPEGs (top 12 by own time):")
     pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
 
 
@@ -251,15 +251,15 @@ async def run(args: argparse.Namespace) -> None:
                     await bot.message(scopes[number % CONVERSATIONS], f"question {number}?", url, times)
             download_times = await time_downloads(list(scenarios["distinct 2 MB JPEGs"]), settings)
         sample = jpegs[: args.breakdown_images]
-        breakdown, png_size = fetch_breakdown(sample, settings, Path(folder, "breakdown"))
+        breakdown, stored_size = fetch_breakdown(sample, settings, Path(folder, "breakdown"))
         if args.profile:
-            profile_normalize(jpegs[:10], settings)
+            profile_validate(jpegs[:10], settings)
 
     print(f"\n{setup}")
     print(
         f"{args.messages} messages per row over {CONVERSATIONS} conversations pre-filled with "
         f"{args.history_turns} turns; JPEG {args.width}x{args.height}, "
-        f"mean {np.mean([len(data) for data in jpegs]) / 1e6:.2f} MB (stored as PNG: {png_size / 1e6:.2f} MB)"
+        f"mean {np.mean([len(data) for data in jpegs]) / 1e6:.2f} MB (as stored: {stored_size / 1e6:.2f} MB)"
     )
     print_table(
         "Bot overhead per message, excluding generate (median ms; total also p90)",
@@ -295,7 +295,7 @@ def main() -> None:
     parser.add_argument("--height", type=int, default=1536)
     parser.add_argument("--history-turns", type=int, default=20)
     parser.add_argument("--breakdown-images", type=int, default=10)
-    parser.add_argument("--profile", action="store_true", help="cProfile the decode/normalise step")
+    parser.add_argument("--profile", action="store_true", help="cProfile the image validation step")
     asyncio.run(run(parser.parse_args()))
 
 
