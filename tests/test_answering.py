@@ -15,34 +15,16 @@ from bot.app import purge_periodically, running_service
 from bot.content import ConversationScope
 from bot.engine import EngineRequest
 from bot.errors import EmptyQuestion, EngineStopped, TooManyImages, UnsupportedMediaType
-from bot.settings import Settings, parse_settings
+from tests.tiny_settings import tiny_settings
 
 CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=10)
 OTHER_CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=20)
 THREAD = ConversationScope(platform="discord", guild_id=1, channel_id=10, thread_id=555)
 
 
-def make_settings(model_dir: Path, data_dir: Path) -> Settings:
-    """Settings for the tiny model on CPU, greedy and short, with storage under `data_dir`."""
-    return parse_settings(
-        {
-            "model": {
-                "name_or_path": str(model_dir),
-                "device_map": "cpu",
-                "dtype": "float32",
-                "local_files_only": True,
-            },
-            "vision": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_images_per_message": 2},
-            "generation": {"max_new_tokens": 6, "do_sample": False},
-            "storage": {"data_dir": str(data_dir)},
-            "engine": {"batch_wait_ms": 1.0},
-        }
-    )
-
-
 @pytest.fixture
 async def service(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[AnswerService]:
-    async with running_service(make_settings(tiny_model_dir, tmp_path / "data")) as answering:
+    async with running_service(tiny_settings(tiny_model_dir, tmp_path / "data")) as answering:
         yield answering
 
 
@@ -164,7 +146,7 @@ async def test_concurrent_questions_in_one_channel_are_answered_in_order(
 
 
 async def test_history_survives_a_restart(tiny_model_dir: Path, tmp_path: Path, photo: Path) -> None:
-    settings = make_settings(tiny_model_dir, tmp_path / "data")
+    settings = tiny_settings(tiny_model_dir, tmp_path / "data")
     async with running_service(settings) as first_run:
         await first_run.answer(Question(scope=CHANNEL, text="remember this", local_files=(photo,)))
     async with running_service(settings) as second_run:

@@ -19,8 +19,9 @@ from bot.answering import Answer, AnswerService
 from bot.app import running_service
 from bot.discord import VisionBot
 from bot.engine import EngineRequest, EngineStats
-from bot.settings import Settings, parse_settings
+from bot.settings import Settings
 from tests.fakediscord.server import FakeDiscord
+from tests.tiny_settings import tiny_settings
 
 TOKEN = "fake-token.never-logged.abc123XYZ"
 
@@ -41,21 +42,12 @@ def bot_settings(
 ) -> Settings:
     """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
     `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections."""
-    return parse_settings(
-        {
-            "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 0.5, **discord},
-            "model": {
-                "name_or_path": str(model_dir),
-                "device_map": "cpu",
-                "dtype": "float32",
-                "local_files_only": True,
-            },
-            "vision": {"min_pixels": 4 * 28 * 28, "max_pixels": 16 * 28 * 28, "max_images_per_message": 2},
-            "generation": {"max_new_tokens": 6, "do_sample": False},
-            "storage": {"data_dir": str(data_dir)},
-            "media": {"allowed_hosts": ["127.0.0.1"], "retries": 0},
-            "engine": {"batch_wait_ms": 1.0, **(engine or {})},
-        }
+    return tiny_settings(
+        model_dir,
+        data_dir,
+        discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 0.5, **discord},
+        media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
+        engine=engine or {},
     )
 
 
