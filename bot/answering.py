@@ -117,7 +117,7 @@ class AnswerService:
         on_queue_position: Callable[[int], None] | None = None,
     ) -> Answer:
         """Answer `question` in its conversation and record the turn; raise BotError subclasses on failure."""
-        self._validate(question)
+        self.check(question)
         in_flight_key = (question.scope.key, question.discord_message_id or 0)
         if question.discord_message_id is not None:
             if in_flight_key in self._in_flight:
@@ -140,11 +140,16 @@ class AnswerService:
         ):
             return Answer(text="", assistant_message_id=None, duplicate=True)
 
-        media = await asyncio.gather(
+        # Every download runs to its end (none is left unobserved); the first failure is the one reported.
+        outcomes = await asyncio.gather(
             *(self._media.store_file(path) for path in question.local_files),
             *(self._media.fetch(ref.url, announced_size=ref.size) for ref in question.attachments),
+            return_exceptions=True,
         )
-        user_message = _user_message(question, list(media))
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
+        user_message = _user_message(question, list(outcomes))
 
         key = question.scope.key
         ahead_in_conversation = self._conversation_locks.waiting(key)
@@ -195,7 +200,8 @@ class AnswerService:
             duplicate=recorded.duplicate,
         )
 
-    def _validate(self, question: Question) -> None:
+    def check(self, question: Question) -> None:
+        """Raise the InputError `question` would meet, before any work is done for it."""
         media_count = len(question.attachments) + len(question.local_files)
         if not question.text.strip() and media_count == 0:
             raise EmptyQuestion()

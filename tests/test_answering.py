@@ -97,11 +97,13 @@ async def test_empty_question_and_too_many_images_store_nothing(service: AnswerS
     assert (await service.stats(CHANNEL)).turns == 0
 
 
-async def test_bad_attachment_stores_nothing(service: AnswerService, tmp_path: Path) -> None:
+async def test_bad_attachment_stores_nothing(service: AnswerService, tmp_path: Path, photo: Path) -> None:
     fake = tmp_path / "notes.png"
     fake.write_text("this is not a picture")
     with pytest.raises(UnsupportedMediaType):
         await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(fake,)))
+    with pytest.raises(UnsupportedMediaType):  # one bad attachment among good ones fails the question
+        await service.answer(Question(scope=CHANNEL, text="and these?", local_files=(photo, fake)))
     assert (await service.stats(CHANNEL)).turns == 0
 
 
