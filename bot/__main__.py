@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from bot.errors import BotError, ConfigError
-from bot.settings import Settings, load_settings
+from bot.settings import Settings, discord_token, load_settings
 
 DEFAULT_CONFIG = Path("config.toml")
 CONFIG_ENV_VAR = "BOT_CONFIG"
@@ -128,10 +128,9 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
                 reset=args.reset,
             )
         )
+    token = discord_token()  # before the heavy imports, so a missing token fails at once
     from bot.discord import sync_commands
-    from bot.settings import discord_token
 
-    token = discord_token()
     if args.command == "sync-commands":
         return asyncio.run(sync_commands(settings, token))
     asyncio.run(_run_bot(settings, token))
@@ -145,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
-    logging.getLogger("discord.http").setLevel(logging.WARNING)
+    for noisy in ("discord.http", "alembic.runtime.plugins"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         settings = load_settings(_settings_path(args.config))
         return _dispatch(args, settings)
