@@ -112,9 +112,11 @@ class MessageHandler:
         return channel
 
     async def _referenced_message(self, message: discord.Message) -> discord.Message | None:
-        """The message this one replies to, from the event, the cache or the API."""
+        """The message this one replies to, from the event, the cache or the API (a forward is no reply)."""
         reference = message.reference
         if reference is None or reference.message_id is None:
+            return None
+        if reference.type is not discord.MessageReferenceType.reply:
             return None
         if isinstance(reference.resolved, discord.Message):
             return reference.resolved

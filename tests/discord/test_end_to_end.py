@@ -24,7 +24,7 @@ from tests.fakediscord.server import FakeDiscord, FakeUser
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SAFE_MENTIONS = {"parse": [], "replied_user": True}
-CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted"]
+CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted", "forwards"]
 
 
 @dataclass
@@ -236,6 +236,15 @@ async def test_bots_outsiders_and_other_channels_are_ignored(world: World) -> No
     for channel in ("dupes", "restricted"):
         assert _posts(world, world.channels[channel]) == []
         assert await world.stats(world.scope(channel)) == (0, 0)
+
+
+async def test_a_forwarded_answer_is_not_a_reply_to_the_bot(world: World) -> None:
+    fake, channel = world.fake, world.channels["forwards"]
+    answer_id = world.bot.replies[0][1]  # an answer of the bot in another channel, in the client's cache
+    await fake.forward_message(channel, world.alice, answer_id)
+    await asyncio.sleep(1.0)
+    assert _posts(world, channel) == []
+    assert await world.stats(world.scope("forwards")) == (0, 0)
 
 
 async def test_a_duplicate_delivery_gets_one_answer(world: World) -> None:

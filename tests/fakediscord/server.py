@@ -228,6 +228,34 @@ class FakeDiscord:
         await self.dispatch("MESSAGE_CREATE", data)
         return data
 
+    async def forward_message(self, channel_id: int, author: FakeUser, source_id: int) -> Json:
+        """A user forwards message `source_id` into `channel_id`: a default message whose reference has
+        type 1 (forward) and whose content travels in `message_snapshots`, as Discord sends it."""
+        source = self.messages[source_id]
+        channel = self._channels[channel_id]
+        guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
+        data = payloads.message(
+            snowflake(),
+            channel_id,
+            author.payload,
+            "",
+            guild_id=guild_id,
+            author_member=payloads.member(author.role_ids) if guild_id is not None else None,
+        )
+        data["message_reference"] = {
+            "type": 1,
+            "message_id": str(source_id),
+            "channel_id": source["channel_id"],
+            **({"guild_id": source["guild_id"]} if "guild_id" in source else {}),
+        }
+        snapshot = {key: source[key] for key in ("content", "attachments", "embeds", "timestamp", "type")}
+        data["message_snapshots"] = [
+            {"message": {**snapshot, "flags": 0, "mentions": [], "edited_timestamp": None}}
+        ]
+        self.messages[int(data["id"])] = data
+        await self.dispatch("MESSAGE_CREATE", data)
+        return data
+
     async def redeliver(self, message: Json) -> None:
         """Deliver the same MESSAGE_CREATE again, as Discord may."""
         await self.dispatch("MESSAGE_CREATE", message)
