@@ -1,18 +1,28 @@
-"""Fixtures for the store tests: a migrated SQLite file in tmp_path and a media folder."""
+"""Fixtures for the store tests: a migrated database and a media folder.
+
+The database is a SQLite file in tmp_path, or a fresh PostgreSQL schema when `BOT_TEST_DATABASE_URL` is set
+(see `tests.store.backend`).
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from bot.store import ConversationStore, upgrade
+from tests.store.backend import fresh_schema, server_url
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> str:
-    return f"sqlite:///{(tmp_path / 'data' / 'bot.sqlite3').as_posix()}"
+def database_url(tmp_path: Path) -> Iterator[str]:
+    server = server_url()
+    if server is None:
+        yield f"sqlite:///{(tmp_path / 'data' / 'bot.sqlite3').as_posix()}"
+        return
+    with fresh_schema(server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Migrations create the schema, match the models, and SQLite connections get WAL, busy timeout and FKs."""
+"""Migrations create the schema, match the models, go down and back up; SQLite gets WAL, busy timeout, FKs."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from sqlalchemy import inspect, text
 from bot.store import upgrade
 from bot.store.database import alembic_config, create_engine_for
 from bot.store.models import Base
+from tests.store.backend import sqlite_only
 
 TABLES = {"alembic_version", "conversations", "messages", "media", "message_media"}
 
 
-def test_upgrade_from_empty_creates_the_schema(database_url: str, tmp_path: Path) -> None:
+def test_upgrade_from_empty_creates_the_schema(database_url: str) -> None:
     upgrade(database_url)
 
-    assert (tmp_path / "data" / "bot.sqlite3").is_file()  # the parent folder was created too
     engine = create_engine_for(database_url)
     try:
         schema = inspect(engine)
@@ -84,6 +84,29 @@ def test_models_match_the_migrations(database_url: str) -> None:
         engine.dispose()
 
 
+@sqlite_only("the database is a file whose folder the store creates")
+def test_upgrade_creates_the_sqlite_file_and_its_folder(database_url: str, tmp_path: Path) -> None:
+    upgrade(database_url)
+
+    assert (tmp_path / "data" / "bot.sqlite3").is_file()
+
+
+def test_downgrade_to_base_and_upgrade_again(database_url: str) -> None:
+    upgrade(database_url)
+    engine = create_engine_for(database_url)
+    try:
+        with engine.begin() as connection:
+            config = alembic_config()
+            config.attributes["connection"] = connection
+            command.downgrade(config, "base")
+            assert set(inspect(connection).get_table_names()) == {"alembic_version"}
+        upgrade(database_url)
+        assert set(inspect(engine).get_table_names()) == TABLES
+    finally:
+        engine.dispose()
+
+
+@sqlite_only("WAL, busy_timeout and foreign_keys are SQLite pragmas")
 def test_sqlite_connections_use_wal_busy_timeout_and_foreign_keys(database_url: str) -> None:
     engine = create_engine_for(database_url, busy_timeout_ms=1234)
     try:

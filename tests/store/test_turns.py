@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
-from sqlalchemy import Engine, event, func, select
+from sqlalchemy import Engine, event, func, insert, select
 
-from bot.content import ChatMessage, MediaPart, TextPart
+from bot.content import ChatMessage, ConversationScope, MediaPart, TextPart
 from bot.errors import StoreError
 from bot.store import ConversationStore, RecordedTurn
 from bot.store import sync_store as sync_store_module
 from bot.store.database import create_engine_for
-from bot.store.models import Conversation, Media, Message, MessageMedia
+from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
+from tests.store.backend import postgresql_only, sqlite_only
 from tests.store.factories import question, scope, write_media
 
 
@@ -213,10 +215,9 @@ async def test_record_turn_bumps_updated_at(store: ConversationStore, database_u
     assert after > before
 
 
-async def test_window_query_walks_the_position_index(store: ConversationStore, database_url: str) -> None:
-    conversation = await store.conversation_for(scope(1))
-    await record(store, conversation, 1)
-    statements: list[tuple[str, object]] = []
+async def window_statement(store: ConversationStore, conversation_id: int) -> tuple[str, Any]:
+    """The SQL and parameters `load_window` sends for the conversation's messages (exactly one such query)."""
+    statements: list[tuple[str, Any]] = []
 
     def capture(_conn, _cursor, statement, parameters, _context, _executemany) -> None:
         if "FROM messages" in statement and "ORDER BY messages.position DESC" in statement:
@@ -224,11 +225,19 @@ async def test_window_query_walks_the_position_index(store: ConversationStore, d
 
     event.listen(Engine, "before_cursor_execute", capture)
     try:
-        await store.load_window(conversation, 40)
+        await store.load_window(conversation_id, 40)
     finally:
         event.remove(Engine, "before_cursor_execute", capture)
+    [found] = statements  # one query for the messages, whatever the history
+    return found
 
-    [(statement, parameters)] = statements  # one query for the messages, whatever the history
+
+@sqlite_only("reads SQLite's EXPLAIN QUERY PLAN")
+async def test_window_query_walks_the_position_index(store: ConversationStore, database_url: str) -> None:
+    conversation = await store.conversation_for(scope(1))
+    await record(store, conversation, 1)
+    statement, parameters = await window_statement(store, conversation)
+
     engine = create_engine_for(database_url)
     try:
         with engine.connect() as connection:
@@ -241,3 +250,65 @@ async def test_window_query_walks_the_position_index(store: ConversationStore, d
     # order, never sort the whole history.
     assert plan.startswith("SEARCH messages USING INDEX") and "(conversation_id=?)" in plan
     assert "TEMP B-TREE" not in plan
+
+
+@postgresql_only("reads PostgreSQL's EXPLAIN")
+async def test_window_query_walks_the_position_index_on_postgresql(
+    store: ConversationStore, database_url: str
+) -> None:
+    conversation = await store.conversation_for(scope(1))
+    await record(store, conversation, 1)
+    others = [await store.conversation_for(scope(channel)) for channel in range(2, 42)]
+    engine = create_engine_for(database_url)
+    try:
+        with engine.begin() as connection:  # 10,000 rows in 40 other conversations, so the plan is a real one
+            now = utcnow()
+            rows = [
+                {"conversation_id": other, "position": n, "role": "user", "content": [], "created_at": now}
+                for other in others
+                for n in range(250)
+            ]
+            connection.execute(insert(Message), rows)
+            connection.exec_driver_sql("ANALYZE messages")
+        statement, parameters = await window_statement(store, conversation)
+        with engine.connect() as connection:
+            plan = "\n".join(row[0] for row in connection.exec_driver_sql(f"EXPLAIN {statement}", parameters))
+    finally:
+        engine.dispose()
+    assert "Index Scan Backward using uq_messages_conversation_id_position on messages" in plan, plan
+    assert "Sort" not in plan, plan
+
+
+async def test_real_discord_snowflakes_round_trip(store: ConversationStore, database_url: str) -> None:
+    guild, channel, thread, asked, answered = (1_234_567_890_123_456_789 + n for n in range(5))  # > 2**60
+    big_scope = ConversationScope(platform="discord", channel_id=channel, guild_id=guild, thread_id=thread)
+    conversation = await store.conversation_for(big_scope)
+
+    turn = await store.record_turn(
+        conversation, question("q"), "a", question_discord_id=asked, answer_discord_id=answered
+    )
+
+    assert await store.find_conversation(big_scope) == conversation
+    assert await store.is_recorded(conversation, asked) and await store.is_recorded(conversation, answered)
+    assert await store.find_message_conversation(answered) == conversation
+    again = await store.record_turn(conversation, question("q"), "a", question_discord_id=asked)
+    assert again == RecordedTurn(turn.user_message_id, turn.assistant_message_id, duplicate=True)
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            row = connection.execute(
+                select(Conversation.guild_id, Conversation.channel_id, Conversation.thread_id)
+            ).one()
+    finally:
+        engine.dispose()
+    assert tuple(row) == (guild, channel, thread)
+
+
+async def test_any_text_round_trips_through_the_json_content(store: ConversationStore) -> None:
+    conversation = await store.conversation_for(scope(1))
+    asked = 'naïve “quotes” "double" \\ back\\slash, tab\t, emoji 🙂, CJK 漢字, RTL שלום, NUL \x00 end'
+    answer = '{"not": ["json"]} \' ; DROP TABLE messages; --\n\u2028line separator'
+
+    await store.record_turn(conversation, question(asked), answer, question_discord_id=1)
+
+    assert [m.text for m in await store.load_window(conversation, 2)] == [asked, answer]
