@@ -4,6 +4,8 @@
 them through a `ReplyTarget`: a channel (the reply to a user's message) or an interaction's follow-ups. One
 pump task does all the HTTP work, at most one round of edits per `interval` seconds: deltas that arrive in
 between are merged into the next round, so a long answer costs a handful of edits, never one per token.
+A refusal that a retry cannot fix (401, 403, 404) ends the reply's updates: Discord bans an IP that sends
+too many invalid requests, and each round would repeat the refused one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ log = logging.getLogger("bot.discord.replies")
 
 # An interaction token lives 15 minutes; stop using it a little early so a slow request does not straddle it.
 TOKEN_SAFETY_MARGIN = timedelta(seconds=30)
+# Bad token, missing permission, message or channel gone: retrying the same request cannot succeed.
+_FINAL_REFUSALS = frozenset({401, 403, 404})
 ANSWERING_NOW = "✍️ Answering now…"
 _HasPartialMessages = (
     discord.TextChannel
@@ -124,6 +128,7 @@ class StreamingReply:
         self._text = ""
         self._status: str | None = None
         self._final = False
+        self._refused = False
         self._messages: list[discord.Message] = []
         self._shown: list[str] = []
         self._wake = asyncio.Event()
@@ -184,7 +189,7 @@ class StreamingReply:
             final = self._final
             await self._render(final=final)
             self._next_round = loop.time() + self._interval
-            if final:
+            if final or self._refused:
                 return
 
     async def _render(self, *, final: bool) -> None:
@@ -206,5 +211,9 @@ class StreamingReply:
                     await self._target.delete(self._messages[-1])
                     del self._messages[-1], self._shown[-1]
         except discord.HTTPException as exc:
-            # A failed edit must not kill the stream: the next round (or the final one) tries again.
+            if exc.status in _FINAL_REFUSALS:
+                self._refused = True
+                log.warning("Discord refused a reply (HTTP %s): %s; no further updates", exc.status, exc.text)
+                return
+            # Anything else must not kill the stream: the next round (or the final one) tries again.
             log.warning("could not update a reply (HTTP %s): %s", exc.status, exc.text)

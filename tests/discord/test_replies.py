@@ -151,3 +151,50 @@ async def test_leaving_early_stops_the_pump() -> None:
         await asyncio.sleep(0.01)
     await asyncio.sleep(0.05)
     assert [op[1] for op in target.ops] == ["send-first"], "no edit after the reply was abandoned"
+
+
+@dataclass
+class _RefusingTarget(_RecordingTarget):
+    """Discord refuses every send with `status` (403: missing permissions; 401: a dead interaction token)."""
+
+    status: int = 403
+    attempts: int = 0
+
+    async def send(self, content: str, *, first: bool) -> _Sent:
+        self.attempts += 1
+        response = _FakeResponse()
+        response.status = self.status
+        error = discord.Forbidden if self.status == 403 else discord.HTTPException
+        raise error(response, "Missing Permissions")
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_a_refused_reply_is_not_retried_every_round(status: int) -> None:
+    target = _RefusingTarget(status=status)
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        for word in ("one ", "two ", "three ", "four "):
+            reply.on_text(word)
+            await asyncio.sleep(INTERVAL * 1.5)
+        assert await reply.finish("one two three four") == []
+    assert target.attempts == 1, "401/403 must never be retried in a loop"
+
+
+async def test_an_edit_of_a_deleted_reply_is_not_retried_every_round() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL) as reply:
+        reply.on_text("first")
+        await asyncio.sleep(INTERVAL / 2)
+        target.contents.clear()  # a moderator deleted the reply
+
+        async def gone(message: _Sent, content: str) -> None:
+            target._record("edit-404", message.id, content)
+            response = _FakeResponse()
+            response.status = 404
+            raise discord.NotFound(response, "Unknown Message")
+
+        target.edit = gone  # type: ignore[method-assign]
+        for word in (" second", " third", " fourth"):
+            reply.on_text(word)
+            await asyncio.sleep(INTERVAL * 1.5)
+        await reply.finish("first second third fourth")
+    assert [op[1] for op in target.ops] == ["send-first", "edit-404"]
