@@ -26,6 +26,14 @@ def server_url() -> str | None:
     return os.environ.get(DATABASE_URL_ENV) or None
 
 
+def check_server_url() -> None:
+    """Stop the test run at once when the variable names something other than PostgreSQL."""
+    url = server_url()
+    backend = make_url(url).get_backend_name() if url is not None else "postgresql"
+    if backend != "postgresql":
+        raise pytest.UsageError(f"{DATABASE_URL_ENV} must be a PostgreSQL URL, not a {backend} one")
+
+
 def sqlite_only(reason: str) -> pytest.MarkDecorator:
     """Skip a test of SQLite-specific behaviour when the tests run on another database."""
     return pytest.mark.skipif(server_url() is not None, reason=f"SQLite-specific: {reason}")
@@ -42,9 +50,6 @@ def postgresql_only(reason: str) -> pytest.MarkDecorator:
 def fresh_schema(url: str) -> Iterator[str]:
     """A URL whose connections see only a new, empty schema on the server at `url`, dropped afterwards."""
     server = make_url(url)
-    backend = server.get_backend_name()
-    if backend != "postgresql":
-        raise pytest.UsageError(f"{DATABASE_URL_ENV} must be a PostgreSQL URL, not a {backend} one")
     schema = f"store_test_{uuid.uuid4().hex[:16]}"
     admin = create_engine_for(url)
     try:

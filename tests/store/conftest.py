@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from bot.store import ConversationStore, upgrade
-from tests.store.backend import fresh_schema, server_url
+from tests.store.backend import check_server_url, fresh_schema, server_url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    check_server_url()
 
 
 @pytest.fixture
