@@ -18,7 +18,7 @@ from discord import app_commands
 from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
 from bot.content import ConversationScope
 from bot.discord.delivery import GENERIC_FAILURE, deliver, thread_origin
-from bot.discord.replies import InteractionTarget, StreamingReply
+from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
 from bot.discord.triggers import attachment_refs, is_allowed, scope_of
 from bot.errors import BotError
 from bot.settings import DiscordSettings
@@ -153,8 +153,15 @@ async def _reporting_failures(
 
 
 async def _fail(interaction: discord.Interaction, text: str, *, ephemeral_deferral: bool) -> None:
-    """Show `text` only to the user: in the ephemeral deferred response, or instead of a public one."""
+    """Show `text` only to the user: in the ephemeral deferred response, or instead of a public one.
+
+    Once the token has expired, `text` goes to the channel instead (naming the user, pinging nobody).
+    """
     try:
+        channel = _messageable(interaction)
+        if channel is not None and not token_usable(interaction):
+            await channel.send(f"{interaction.user.mention} {text}")
+            return
         if ephemeral_deferral:
             await interaction.edit_original_response(content=text)
             return

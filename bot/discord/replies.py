@@ -36,6 +36,11 @@ _HasPartialMessages = (
 )
 
 
+def token_usable(interaction: discord.Interaction) -> bool:
+    """Whether the interaction's token still works for follow-ups and edits, with a safety margin."""
+    return discord.utils.utcnow() < interaction.expires_at - TOKEN_SAFETY_MARGIN
+
+
 def queue_text(ahead: int) -> str:
     """The placeholder shown while a question waits behind `ahead` others."""
     noun = "question" if ahead == 1 else "questions"
@@ -85,8 +90,7 @@ class InteractionTarget:
         self._original_id: int | None = None
 
     def _token_usable(self) -> bool:
-        deadline = self._interaction.expires_at - TOKEN_SAFETY_MARGIN
-        return self._channel is None or discord.utils.utcnow() < deadline
+        return self._channel is None or token_usable(self._interaction)
 
     async def send(self, content: str, *, first: bool) -> discord.Message:
         if self._token_usable():

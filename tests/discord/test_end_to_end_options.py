@@ -9,6 +9,7 @@ at the device boundary (`RunningBot.hold_engine`) until the test lets it run on 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +21,24 @@ from bot.content import ConversationScope
 from bot.discord.commands import NO_ATTACHMENTS
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages, Unreachable, UnsupportedMediaType
 from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
+from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import EPHEMERAL_FLAG, FakeDiscord, FakeUser
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
-CHANNELS = ["threads", "busy", "waiting", "asking", "full-a", "full-b", "full-c", "inputs", "ask", "menu"]
+CHANNELS = [
+    "threads",
+    "busy",
+    "waiting",
+    "asking",
+    "full-a",
+    "full-b",
+    "full-c",
+    "inputs",
+    "ask",
+    "menu",
+    "late",
+]
 MAX_IMAGES = 2  # vision.max_images_per_message in the harness settings
 
 
@@ -275,6 +289,29 @@ async def test_the_image_menu_on_a_message_without_attachments_says_so_privately
     target = await fake.send_message(channel, world.alice, "no picture here")
     token = await fake.context_menu(channel, world.alice, "Ask about this image", int(target["id"]))
     await _assert_failure_shown_privately(world, "menu", token, NO_ATTACHMENTS)
+
+
+async def test_a_failure_after_the_interaction_token_expired_is_said_in_the_channel(world: World) -> None:
+    fake, channel = world.fake, world.channels["late"]
+    dead = fake.attachment(fake.missing_file_url("late.png"), "late.png", 1234, "image/png")
+    token = await fake.slash_command(
+        channel,
+        world.alice,
+        "ask",
+        [
+            {"name": "question", "type": 3, "value": "what was this?"},
+            {"name": "image", "type": 11, "value": dead["id"]},
+        ],
+        resolved={"attachments": {dead["id"]: dead}},
+        interaction_id=snowflake(at=time.time() - 16 * 60),
+    )
+    said = await fake.wait_for_message(channel, lambda m: Unreachable.user_message in m["content"])
+    assert said["content"] == f"{world.alice.mention} {Unreachable.user_message}"
+    assert said["allowed_mentions"]["parse"] == [], "the mention names the user without pinging anyone"
+    assert not [r for r in fake.requests if f"/webhooks/{fake.application_id}/{token}" in r.path], (
+        "an expired token is not used"
+    )
+    assert await world.stats(world.scope("late")) == (0, 0)
 
 
 async def test_the_token_never_appears_in_logs(world: World) -> None:

@@ -4,6 +4,8 @@ The test builds a small world (guilds, channels, users, roles, files), starts th
 `api_base_url`, then plays users: `send_message`, `create_thread`, `slash_command`, `context_menu` dispatch
 gateway events. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await
 them with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
+An interaction whose id is over 15 minutes old plays one deferred in time whose token has since expired: its
+callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +27,7 @@ HEARTBEAT_INTERVAL_MS = 41_250
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
 EPHEMERAL_FLAG = 64
+INTERACTION_TOKEN_SECONDS = 15 * 60
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,12 @@ class _Interaction:
     channel_id: int
     guild_id: int | None
     original_message_id: int | None = None
+
+    @property
+    def expired(self) -> bool:
+        """Whether the token is older than Discord's 15 minutes (the id carries the creation time)."""
+        created = ((self.id >> 22) + payloads.DISCORD_EPOCH_MS) / 1000
+        return time.time() - created > INTERACTION_TOKEN_SECONDS
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -554,21 +564,23 @@ class FakeDiscord:
 
     async def _followup(self, request: web.Request) -> web.Response:
         interaction = self._interactions.get(request.match_info["token"])
-        if interaction is None:
+        if interaction is None or interaction.expired:
             return _error(401, "Invalid Webhook Token", 50027)
         body = await request.json()
         return _json(self._bot_message(interaction.channel_id, body, flags=body.get("flags") or 0))
 
     def _webhook_message_id(self, request: web.Request) -> int | None:
         interaction = self._interactions.get(request.match_info["token"])
-        if interaction is None:
+        if interaction is None or interaction.expired:
             return None
         raw = request.match_info["message_id"]
         return interaction.original_message_id if raw == "@original" else int(raw)
 
     async def _get_webhook_message(self, request: web.Request) -> web.Response:
         message_id = self._webhook_message_id(request)
-        message = self.messages.get(message_id) if message_id is not None else None
+        if message_id is None:
+            return _error(401, "Invalid Webhook Token", 50027)
+        message = self.messages.get(message_id)
         return _json(message) if message is not None else _error(404, "Unknown Message", 10008)
 
     async def _patch_webhook_message(self, request: web.Request) -> web.Response:
@@ -579,7 +591,9 @@ class FakeDiscord:
 
     async def _delete_webhook_message(self, request: web.Request) -> web.Response:
         message_id = self._webhook_message_id(request)
-        if message_id is None or self.messages.pop(message_id, None) is None:
+        if message_id is None:
+            return _error(401, "Invalid Webhook Token", 50027)
+        if self.messages.pop(message_id, None) is None:
             return _error(404, "Unknown Message", 10008)
         return web.Response(status=204)
 
