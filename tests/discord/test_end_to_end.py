@@ -212,14 +212,18 @@ async def test_two_users_in_two_channels_are_answered_at_once(world: World) -> N
     fake = world.fake
     left, right = world.channels["left"], world.channels["right"]
     known = len(world.bot.replies)
-    await asyncio.gather(
-        fake.send_message(
-            left, world.alice, f"{fake.bot.mention} hi from the left", attachments=[world.image("l.png")]
-        ),
-        fake.send_message(right, world.bob, f"{fake.bot.mention} hi from the right"),
-    )
-    for channel in (left, right):
-        await world.bot.wait_reply(channel, after=known)
+    with world.bot.hold_engine() as gate:
+        await asyncio.gather(
+            fake.send_message(
+                left, world.alice, f"{fake.bot.mention} hi from the left", attachments=[world.image("l.png")]
+            ),
+            fake.send_message(right, world.bob, f"{fake.bot.mention} hi from the right"),
+        )
+        # Both questions reach the engine before either is answered: neither waits for the other.
+        await world.bot.wait_engine(lambda stats: stats.running + stats.queued == 2)
+        gate.set()
+        for channel in (left, right):
+            await world.bot.wait_reply(channel, after=known)
     assert await world.stats(world.scope("left")) == (1, 1)
     assert await world.stats(world.scope("right")) == (1, 0)
 
