@@ -18,7 +18,7 @@ from pathlib import Path
 from bot.content import ChatMessage, ConversationScope, MediaPart, StoredMedia, TextPart
 from bot.conversation import build_messages
 from bot.engine import EngineRequest, InferenceEngine
-from bot.errors import EmptyQuestion, TooManyImages
+from bot.errors import EmptyQuestion, QueueFull, TooManyImages
 from bot.media import MediaFetcher
 from bot.settings import Settings
 from bot.store import ConversationStats, ConversationStore, ForgetResult, PurgeResult
@@ -140,6 +140,29 @@ class AnswerService:
         ):
             return Answer(text="", assistant_message_id=None, duplicate=True)
 
+        key = question.scope.key
+        waiting = self._conversation_locks.waiting(key)
+        if waiting >= self._settings.engine.max_queue_size:
+            raise QueueFull(f"{waiting} questions already wait in {key}")
+        # The downloads start now but are awaited only once this question has its turn in the conversation,
+        # so a question whose images download slowly is never overtaken by a later one.
+        downloads = asyncio.ensure_future(self._download(question))
+        try:
+            if waiting and on_queue_position is not None:
+                on_queue_position(waiting)
+            async with self._conversation_locks.hold(key):
+                user_message = _user_message(question, await downloads)
+                return await self._generate_and_record(
+                    question, conversation_id, user_message, on_text, on_queue_position
+                )
+        finally:
+            if not downloads.done():
+                downloads.cancel()
+            elif not downloads.cancelled():
+                downloads.exception()  # retrieved: a failure raised above is not reported twice
+
+    async def _download(self, question: Question) -> list[StoredMedia]:
+        """Every attachment of `question`, validated and stored; the first failure is raised."""
         # Every download runs to its end (none is left unobserved); the first failure is the one reported.
         outcomes = await asyncio.gather(
             *(self._media.store_file(path) for path in question.local_files),
@@ -149,43 +172,48 @@ class AnswerService:
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        user_message = _user_message(question, list(outcomes))
+        return list(outcomes)
 
+    async def _generate_and_record(
+        self,
+        question: Question,
+        conversation_id: int,
+        user_message: ChatMessage,
+        on_text: Callable[[str], None] | None,
+        on_queue_position: Callable[[int], None] | None,
+    ) -> Answer:
+        """Load the window, generate and record the turn; the caller holds the conversation's lock."""
         key = question.scope.key
-        ahead_in_conversation = self._conversation_locks.waiting(key)
-        if ahead_in_conversation and on_queue_position is not None:
-            on_queue_position(ahead_in_conversation)
-        async with self._conversation_locks.hold(key):
-            history = await self._store.load_window(
-                conversation_id, max_messages=2 * self._settings.history.max_turns
+        history = await self._store.load_window(
+            conversation_id, max_messages=2 * self._settings.history.max_turns
+        )
+        messages = build_messages(
+            history,
+            user_message,
+            vision=self._settings.vision,
+            history_settings=self._settings.history,
+            generation=self._settings.generation,
+            count_text_tokens=self._engine.count_text_tokens,
+        )
+        handle = self._engine.submit(
+            EngineRequest(
+                messages=messages,
+                conversation_key=key,
+                on_text=on_text,
+                on_queue_position=on_queue_position,
             )
-            messages = build_messages(
-                history,
-                user_message,
-                vision=self._settings.vision,
-                history_settings=self._settings.history,
-                generation=self._settings.generation,
-                count_text_tokens=self._engine.count_text_tokens,
-            )
-            handle = self._engine.submit(
-                EngineRequest(
-                    messages=messages,
-                    conversation_key=key,
-                    on_text=on_text,
-                    on_queue_position=on_queue_position,
-                )
-            )
-            try:
-                result = await handle.result()
-            except asyncio.CancelledError:
-                handle.cancel()
-                raise
-            recorded = await self._store.record_turn(
-                conversation_id,
-                user_message,
-                result.text,
-                question_discord_id=question.discord_message_id,
-            )
+        )
+        try:
+            result = await handle.result()
+        except asyncio.CancelledError:
+            handle.cancel()
+            raise
+        recorded = await self._store.record_turn(
+            conversation_id,
+            user_message,
+            result.text,
+            question_discord_id=question.discord_message_id,
+        )
         log.info(
             "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
             key,
@@ -231,11 +259,15 @@ class AnswerService:
             await self._store.set_answer_discord_id(answer.assistant_message_id, discord_message_id)
 
     async def reset(self, scope: ConversationScope) -> ForgetResult:
-        """Forget the conversation of `scope` (its messages and media no one else uses)."""
-        conversation_id = await self._store.find_conversation(scope)
-        if conversation_id is None:
-            return ForgetResult(messages_deleted=0, media_deleted=0)
-        return await self._store.forget(conversation_id)
+        """Forget the conversation of `scope` (its messages and media no one else uses).
+
+        Waits for the answer in progress there, so that answer cannot be recorded after the reset.
+        """
+        async with self._conversation_locks.hold(scope.key):
+            conversation_id = await self._store.find_conversation(scope)
+            if conversation_id is None:
+                return ForgetResult(messages_deleted=0, media_deleted=0)
+            return await self._store.forget(conversation_id)
 
     async def stats(self, scope: ConversationScope) -> ConversationStats:
         """How many turns and images the conversation of `scope` holds."""

@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from bot.answering import EMPTY_ANSWER_TEXT, AnswerService, Question, ThreadOrigin, display_text
+from bot.answering import (
+    EMPTY_ANSWER_TEXT,
+    AnswerService,
+    AttachmentRef,
+    Question,
+    ThreadOrigin,
+    display_text,
+)
 from bot.app import purge_periodically, running_service
 from bot.content import ConversationScope
 from bot.engine import EngineRequest
-from bot.errors import EmptyQuestion, EngineStopped, TooManyImages, UnsupportedMediaType
+from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
 from tests.tiny_settings import tiny_settings
 
 CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=10)
@@ -185,3 +195,82 @@ async def test_periodic_purge_applies_the_retention(service: AnswerService, tmp_
     finally:
         purging.cancel()
     assert (await service.stats(CHANNEL)).turns == 1
+
+
+@pytest.fixture
+async def slow_image_url() -> AsyncIterator[str]:
+    """A loopback server whose image arrives after a delay, so a question waits for its download."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (64, 48), "green").save(buffer, format="PNG")
+
+    async def slow_png(request: web.Request) -> web.Response:
+        await asyncio.sleep(float(request.query.get("delay", "0.8")))
+        return web.Response(body=buffer.getvalue(), content_type="image/png")
+
+    app = web.Application()
+    app.router.add_get("/slow.png", slow_png)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    try:
+        yield str(server.make_url("/slow.png"))
+    finally:
+        await server.close()
+
+
+@pytest.fixture
+async def loopback_service(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[AnswerService]:
+    settings = tiny_settings(
+        tiny_model_dir,
+        tmp_path / "data",
+        media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
+        engine={"max_queue_size": 2},
+    )
+    async with running_service(settings) as answering:
+        yield answering
+
+
+def _slow_question(url: str, text: str, message_id: int) -> Question:
+    return Question(
+        scope=CHANNEL,
+        text=text,
+        attachments=(AttachmentRef(url=url, filename="slow.png"),),
+        discord_message_id=message_id,
+    )
+
+
+async def test_a_slow_download_is_not_overtaken_in_its_conversation(
+    loopback_service: AnswerService, slow_image_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = SubmittedMessages(loopback_service, monkeypatch)
+    first = asyncio.create_task(loopback_service.answer(_slow_question(slow_image_url, "first", 1)))
+    await asyncio.sleep(0.2)
+    await loopback_service.answer(Question(scope=CHANNEL, text="second", discord_message_id=2))
+    await first
+    questions = [[m["content"][-1]["text"] for m in seen if m["role"] == "user"] for seen in spy.seen]
+    assert questions == [["first"], ["first", "second"]]
+
+
+async def test_reset_waits_for_the_answer_in_progress(
+    loopback_service: AnswerService, slow_image_url: str
+) -> None:
+    answering = asyncio.create_task(loopback_service.answer(_slow_question(slow_image_url, "q", 1)))
+    await asyncio.sleep(0.2)
+    forgotten = await loopback_service.reset(CHANNEL)
+    assert (await answering).assistant_message_id is not None
+    assert forgotten.messages_deleted == 2
+    assert (await loopback_service.stats(CHANNEL)).turns == 0
+
+
+async def test_a_flooded_conversation_is_told_to_retry(
+    loopback_service: AnswerService, slow_image_url: str
+) -> None:
+    waiting = [
+        asyncio.create_task(loopback_service.answer(_slow_question(slow_image_url, f"q{i}", i)))
+        for i in (1, 2)
+    ]
+    await asyncio.sleep(0.2)
+    with pytest.raises(QueueFull) as full:
+        await loopback_service.answer(Question(scope=CHANNEL, text="one too many", discord_message_id=3))
+    assert "try again" in full.value.user_message
+    await asyncio.gather(*waiting)
+    assert (await loopback_service.stats(CHANNEL)).turns == 2
