@@ -5,7 +5,8 @@ failures.
     HostNotAllowed    scheme not http(s), or host (or a redirect's host) not in `allowed_hosts`; no connection
     TooLarge          announced size, Content-Length or the streamed bytes over the cap
     UnsupportedMediaType  the first bytes are not a type we accept (the rest is not downloaded)
-    Unreachable       404/403/410 and other 4xx at once; 5xx, refused or reset connections after retries
+    Unreachable       404/403/410 and other 4xx, a redirect without a usable Location, too many redirects
+                      at once; 5xx, refused or reset connections after retries
     DownloadTimeout   connect or total timeout, after retries
 
 Before the first bytes are sniffed the larger of the image and video caps applies; from then on the cap of
@@ -123,7 +124,10 @@ async def _attempt(session: aiohttp.ClientSession, url: URL, settings: MediaSett
                 location = response.headers.get("Location")
                 if not location:
                     raise Unreachable(f"{redact(url)} redirected without a Location")
-                url = url.join(URL(location))
+                try:
+                    url = url.join(URL(location))
+                except ValueError:  # yarl refuses e.g. an unclosed IPv6 bracket or a port out of range
+                    raise Unreachable(f"{redact(url)} redirected to an unparseable Location") from None
                 continue
             if response.status >= 500:
                 raise _RetryableStatus(response.status)

@@ -103,6 +103,20 @@ async def test_redirect_loop_gives_up(media_server: MediaServer, fetcher: MediaF
     assert 2 <= media_server.count("/loop.png") <= 5
 
 
+@pytest.mark.parametrize("location", ["http://[::1/x.png", "http://127.0.0.1:99999/x.png"])
+async def test_unparseable_redirect_is_unreachable(
+    media_server: MediaServer, fetcher: MediaFetcher, location: str
+) -> None:
+    async def broken(_request: web.Request) -> web.StreamResponse:
+        return web.Response(status=302, headers={"Location": location})
+
+    media_server.handlers["/broken.png"] = broken
+    with pytest.raises(Unreachable) as caught:
+        await fetcher.fetch(media_server.url("/broken.png"))
+    assert_user_facing(caught.value)
+    assert media_server.requests == ["/broken.png"]  # a bad answer is not a transient one: no retry
+
+
 async def test_announced_size_over_the_cap_makes_no_request(
     media_server: MediaServer,
     fetcher: MediaFetcher,
