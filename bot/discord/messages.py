@@ -8,13 +8,15 @@ everything outside the allow-lists are ignored.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import discord
 
-from bot.answering import AnswerService, Question, ThreadOrigin
+from bot.answering import AnswerService, Question
 from bot.discord.delivery import deliver, thread_origin
 from bot.discord.replies import ChannelTarget
 from bot.discord.triggers import attachment_refs, is_allowed, scope_of, strip_mention
+from bot.errors import InputError
 from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.messages")
@@ -73,22 +75,22 @@ class MessageHandler:
             return
 
         attachments = message.attachments or (referenced.attachments if referenced is not None else [])
-        origin = None if in_bot_thread else await thread_origin(self._service, scope)
-        reply_channel: discord.abc.Messageable = channel
-        reference: discord.Message | None = message
-        if self._settings.answer_in_new_thread and scope.thread_id is None and guild_id is not None:
-            thread = await self._open_thread(message)
-            if thread is not None:
-                reply_channel, reference = thread, None
-                origin = ThreadOrigin(scope, starter_message_id=message.id)
-                scope = scope_of(thread, guild_id, thread.id)
         question = Question(
             scope=scope,
             text=strip_mention(message.content, me.id),
             attachments=attachment_refs(attachments),
             discord_message_id=message.id,
-            thread_origin=origin,
+            thread_origin=None if in_bot_thread else await thread_origin(self._service, scope),
         )
+        reply_channel: discord.abc.Messageable = channel
+        reference: discord.Message | None = message
+        if self._wants_new_thread(question):
+            thread = await self._open_thread(message)
+            if thread is not None:
+                # A fresh thread for a fresh question: it starts its own conversation, with no parent history.
+                reply_channel, reference = thread, None
+                question = replace(question, scope=scope_of(thread, guild_id, thread.id), thread_origin=None)
+                scope = question.scope
         log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
         await deliver(
             self._service,
@@ -97,6 +99,18 @@ class MessageHandler:
             interval=self._settings.stream_edit_interval_seconds,
             typing_in=reply_channel,
         )
+
+    def _wants_new_thread(self, question: Question) -> bool:
+        """Whether to answer in a new thread: configured, in a guild channel, and not a question that fails
+        its input checks (its error is answered inline rather than in an otherwise empty thread)."""
+        scope = question.scope
+        if not self._settings.answer_in_new_thread or scope.thread_id is not None or scope.guild_id is None:
+            return False
+        try:
+            self._service.check(question)
+        except InputError:
+            return False
+        return True
 
     async def _resolve_channel(self, message: discord.Message) -> discord.abc.Messageable:
         """The message's channel as a full object; a thread missing from the cache is fetched once."""
@@ -169,5 +183,5 @@ class MessageHandler:
 
 def _opened_by(channel: discord.abc.Messageable, user_id: int) -> bool:
     """Whether `channel` is a thread that `user_id` started (the bot's own threads are its conversations,
-    even before a first answer was stored there, e.g. after "Please ask me something")."""
+    even before a first answer was stored there, e.g. after an attachment failed to download)."""
     return isinstance(channel, discord.Thread) and channel.owner_id == user_id

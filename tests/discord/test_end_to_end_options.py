@@ -38,6 +38,7 @@ CHANNELS = [
     "ask",
     "menu",
     "late",
+    "fresh",
 ]
 MAX_IMAGES = 2  # vision.max_images_per_message in the harness settings
 
@@ -132,6 +133,19 @@ async def test_a_mention_is_answered_in_a_new_thread_that_remembers_it(world: Wo
     assert len(fake.requests_to("POST", "/threads")) == 1, "no thread is opened from inside a thread"
 
 
+async def test_a_new_thread_starts_without_the_channels_earlier_turns(world: World) -> None:
+    fake, channel = world.fake, world.channels["fresh"]
+    known = len(world.bot.replies)
+    earlier = [{"name": "question", "type": 3, "value": "earlier"}]
+    await fake.slash_command(channel, world.alice, "ask", earlier)
+    await world.bot.wait_reply(channel, after=known)
+    assert await world.stats(world.scope("fresh")) == (1, 0)
+    thread_id = await world.ask("fresh", "a new topic")
+    await world.bot.wait_reply(thread_id, after=known + 1)
+    assert await world.stats(world.scope("fresh", thread_id)) == (1, 0)
+    assert "earlier" not in str(world.bot.prompts[-1])
+
+
 async def test_a_redelivered_question_is_answered_once_in_its_thread(world: World) -> None:
     fake, channel = world.fake, world.channels["threads"]
     known = len(world.bot.replies)
@@ -217,29 +231,29 @@ async def test_a_question_over_the_queue_limit_is_told_to_come_back(world: World
     assert [post["content"] for post in _posts(world, overflow)] == [QueueFull.user_message]
 
 
-async def test_a_bare_mention_is_asked_for_a_question_in_the_thread_it_opens(world: World) -> None:
-    fake = world.fake
-    thread_id = await world.ask("inputs", "")
-    reply = await fake.wait_for_message(thread_id)
-    assert reply["content"] == EmptyQuestion.user_message
-    (opened,) = fake.requests_to("POST", f"/messages/{thread_id}/threads")
-    assert opened.body["name"] == "Question"
-    assert await world.stats(world.scope("inputs", thread_id)) == (0, 0)
-    # The thread is the bot's: the question asked there next needs no mention.
-    known = len(world.bot.replies)
-    await fake.send_message(thread_id, world.alice, "sorry: what can you do?")
-    await world.bot.wait_reply(thread_id, after=known)
-    assert await world.stats(world.scope("inputs", thread_id)) == (1, 0)
+async def _assert_refused_inline(world: World, question_id: int, sentence: str) -> None:
+    """`sentence` replies to the question in its channel; no thread was opened for it, nothing stored."""
+    fake, channel = world.fake, world.channels["inputs"]
+    reply = await fake.wait_for_message(channel, lambda m: m["content"] == sentence)
+    assert int(reply["message_reference"]["message_id"]) == question_id
+    assert not fake.requests_to("POST", f"/messages/{question_id}/threads"), "no empty thread opened"
+    assert await world.stats(world.scope("inputs")) == (0, 0)
+    assert await world.stats(world.scope("inputs", question_id)) == (0, 0)
+
+
+async def test_a_bare_mention_is_asked_for_a_question_without_opening_a_thread(world: World) -> None:
+    question_id = await world.ask("inputs", "")
+    await _assert_refused_inline(world, question_id, EmptyQuestion.user_message)
 
 
 async def test_too_many_images_are_refused_before_downloading(world: World) -> None:
     names = [f"many-{index}.png" for index in range(MAX_IMAGES + 1)]
-    thread_id = await world.ask("inputs", "compare these", attachments=[world.image(name) for name in names])
-    reply = await world.fake.wait_for_message(thread_id)
-    assert reply["content"] == TooManyImages(limit=MAX_IMAGES).user_message
-    assert "up to 2 per message" in reply["content"]
+    images = [world.image(name) for name in names]
+    question_id = await world.ask("inputs", "compare these", attachments=images)
+    sentence = TooManyImages(limit=MAX_IMAGES).user_message
+    assert "up to 2 per message" in sentence
+    await _assert_refused_inline(world, question_id, sentence)
     assert not [name for name in names if world.fake.requests_to("GET", f"/cdn/{name}")]
-    assert await world.stats(world.scope("inputs", thread_id)) == (0, 0)
 
 
 async def _assert_failure_shown_privately(world: World, channel: str, token: str, sentence: str) -> None:
