@@ -30,14 +30,17 @@ def media_hashes(content: Sequence[JsonPart]) -> set[str]:
     return {part["sha256"] for part in content if part["type"] == "media"}
 
 
-def decode_parts(content: Sequence[JsonPart], media: Mapping[str, StoredMedia]) -> tuple[Part, ...]:
-    """Parts back from their JSON form; `media` maps each referenced sha256 to its stored file."""
+def decode_parts(content: Sequence[JsonPart], media: Mapping[str, StoredMedia | None]) -> tuple[Part, ...]:
+    """Parts back from their JSON form; `media` maps each referenced sha256 to its stored file, or to None
+    when the file is gone from disk (that part is left out, the rest of the message stays)."""
     parts: list[Part] = []
     for part in content:
         if part["type"] == "text":
             parts.append(TextPart(part["text"]))
         elif part["type"] == "media" and part["sha256"] in media:
-            parts.append(MediaPart(media[part["sha256"]]))
+            stored = media[part["sha256"]]
+            if stored is not None:
+                parts.append(MediaPart(stored))
         else:
             raise StoreError(f"stored message part cannot be read: {part!r}")
     return tuple(parts)

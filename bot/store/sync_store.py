@@ -247,11 +247,26 @@ class SyncStore:
                 ids[sha256] = row.id
         return [ids[sha256] for sha256 in unique]
 
-    def _media_by_hash(self, session: Session, hashes: set[str]) -> dict[str, StoredMedia]:
+    def _media_by_hash(self, session: Session, hashes: set[str]) -> dict[str, StoredMedia | None]:
+        """The stored media of these hashes; None for a file gone from disk.
+
+        A file can vanish under a recorded turn: `forget` or the purge elsewhere deletes a file that a
+        question in flight had just downloaded again (the same picture), before that turn is recorded. Such
+        a part is dropped from the window, so the conversation goes on without that image instead of failing
+        every later question; the same picture posted again is stored afresh.
+        """
         if not hashes:
             return {}
         rows = session.scalars(select(Media).where(Media.sha256.in_(hashes)))
-        return {row.sha256: self._stored_media(row) for row in rows}
+        media: dict[str, StoredMedia | None] = {}
+        for row in rows:
+            stored = self._stored_media(row)
+            if stored.path.is_file():
+                media[row.sha256] = stored
+            else:
+                log.warning("media file %s is missing; leaving it out of the conversation", row.relative_path)
+                media[row.sha256] = None
+        return media
 
     def _stored_media(self, row: Media) -> StoredMedia:
         return StoredMedia(
