@@ -5,8 +5,8 @@ Pure data work: no Discord, no SQL, no torch. The budget rules, in order:
 2. the new question is always kept, with all its media;
 3. older turns are kept newest first while they fit `history.max_turns` and `history.max_context_tokens`
    (the reply's `max_new_tokens` is reserved out of that budget); the oldest turns are dropped first;
-4. at most `vision.max_images_in_context` images/videos are kept, newest first; media beyond that are dropped
-   from old turns while their text stays.
+4. at most `vision.max_images_in_context` images/videos are kept, newest first (the question's own count
+   first and are kept even beyond it); media beyond that are dropped from old turns while their text stays.
 """
 
 from __future__ import annotations
@@ -94,18 +94,19 @@ def build_messages(
     media_left = vision.max_images_in_context
     kept_media: set[int] = set()
 
-    def keep_media_of(message: ChatMessage) -> int:
-        """Mark the message's media kept while the image budget lasts; return their token cost."""
+    def keep_media_of(message: ChatMessage, *, always: bool = False) -> int:
+        """Mark the message's media kept while the image budget lasts (`always`: all of them, using up the
+        budget); return their token cost."""
         nonlocal media_left
         cost = 0
         for part in reversed(message.parts):
-            if isinstance(part, MediaPart) and media_left > 0:
+            if isinstance(part, MediaPart) and (always or media_left > 0):
                 kept_media.add(id(part))
                 media_left -= 1
                 cost += estimate_media_tokens(part.media, vision)
         return cost
 
-    budget -= message_tokens(question, with_media=False) + keep_media_of(question)
+    budget -= message_tokens(question, with_media=False) + keep_media_of(question, always=True)
 
     kept_turns: list[list[ChatMessage]] = []
     for turn in reversed(_group_turns(history)[-history_settings.max_turns :]):

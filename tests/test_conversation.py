@@ -95,6 +95,13 @@ def test_question_images_are_always_kept() -> None:
     assert _images(messages) == ["/media/x.png", "/media/y.png"]
 
 
+def test_question_images_are_kept_even_beyond_the_context_image_budget() -> None:
+    history = [_user("before", _image("old")), _assistant("seen")]
+    messages = _build(history, _user("compare", _image("x"), _image("y")), max_images=1)
+    assert _images(messages) == ["/media/x.png", "/media/y.png"]  # the question's own, none from history
+    assert _texts(messages)[1:] == ["before", "seen", "compare"]
+
+
 def test_media_token_estimate_respects_pixel_bounds() -> None:
     vision = VisionSettings()
     small = estimate_media_tokens(_image("s", size=10), vision)
