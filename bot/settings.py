@@ -37,7 +37,7 @@ class DiscordSettings(_Section):
     answer_in_new_thread: bool = False
     answer_in_bot_threads_without_mention: bool = True
     sync_commands_on_start: bool = True
-    stream_edit_interval_seconds: float = Field(default=1.2, ge=0.5, le=30)
+    stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
 
 
 class ModelSettings(_Section):

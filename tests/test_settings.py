@@ -73,3 +73,8 @@ def test_token_comes_from_the_environment_and_is_never_shown(monkeypatch: pytest
     token = discord_token()
     assert token.get_secret_value() == "secret-token-value"
     assert "secret-token-value" not in repr(token) and "secret-token-value" not in str(token)
+
+
+def test_streaming_edits_are_at_most_one_per_second() -> None:
+    with pytest.raises(ConfigError, match=r"discord\.stream_edit_interval_seconds: Input should be greater"):
+        parse_settings({"discord": {"stream_edit_interval_seconds": 0.5}})

@@ -45,7 +45,7 @@ def bot_settings(
     return tiny_settings(
         model_dir,
         data_dir,
-        discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 0.5, **discord},
+        discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0, **discord},
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
         engine=engine or {},
     )

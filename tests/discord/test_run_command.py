@@ -23,7 +23,7 @@ def _config(path: Path, fake: FakeDiscord, model_dir: Path, data_dir: Path) -> P
         f"""
 [discord]
 api_base_url = "{fake.api_base_url}"
-stream_edit_interval_seconds = 0.5
+stream_edit_interval_seconds = 1.0
 
 [model]
 name_or_path = "{model_dir.as_posix()}"
