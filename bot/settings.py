@@ -152,11 +152,24 @@ class Settings(_Section):
     media: MediaSettings = Field(default_factory=MediaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
+    @model_validator(mode="after")
+    def _reply_fits_the_context(self) -> Settings:
+        new_tokens = self.generation.max_new_tokens
+        if new_tokens is not None and new_tokens >= self.history.max_context_tokens:
+            raise ValueError(
+                f"history.max_context_tokens ({self.history.max_context_tokens}) must be greater than "
+                f"generation.max_new_tokens ({new_tokens}): the reply is reserved out of the context budget, "
+                "so no history would ever be sent"
+            )
+        return self
+
 
 def _describe(error: dict) -> str:
-    key = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    key = ".".join(str(part) for part in error["loc"])
     if error["type"] == "extra_forbidden":
         return f"{key}: unknown key (check the spelling against config.example.toml)"
+    if not key:  # a check across sections names its keys itself; its input is the whole file
+        return error["msg"]
     return f"{key}: {error['msg']} (got {error.get('input')!r})"
 
 
