@@ -555,8 +555,7 @@ class InferenceEngine:
                 )
                 return [self._run_alone(item, OOM_PIXEL_SCALE) for item in batch]
             if len(batch) == 1:
-                logger.warning("a request failed: %s", type(exc).__name__)
-                return [_as_engine_error(exc)]
+                return [self._failed(exc)]
             logger.warning(
                 "a batch of %d failed (%s); retrying each request alone", len(batch), type(exc).__name__
             )
@@ -574,7 +573,13 @@ class InferenceEngine:
             if _is_oom(exc) and scale > OOM_PIXEL_SCALE:
                 self._release_memory()
                 return self._run_alone(item, OOM_PIXEL_SCALE)
-            return _as_engine_error(exc)
+            return self._failed(exc)
+
+    @staticmethod
+    def _failed(exc: Exception) -> EngineError:
+        """The request's error; the cause is logged with its traceback, since users only see a sentence."""
+        logger.warning("a request failed: %s", exc, exc_info=exc)
+        return _as_engine_error(exc)
 
     def _attempt(self, items: list[_Item], scale: float) -> list[PipelineOutput]:
         assert self._pipeline is not None

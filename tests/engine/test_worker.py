@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -341,6 +342,21 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
     for question, result in zip(QUESTIONS, [*results, later], strict=False):
         assert_same(result, reference(question))
     assert (stats.completed, stats.failed) == (3, 1)
+
+
+async def test_a_failed_request_logs_its_cause_with_the_traceback(
+    tiny_model_dir: Path, spy: PipelineSpy, caplog: pytest.LogCaptureFixture
+) -> None:
+    spy.fault = lambda questions, scale: (
+        ValueError("processor refused the prompt") if "bad" in questions else None
+    )
+    async with running(make_settings(tiny_model_dir)) as engine:
+        with caplog.at_level(logging.WARNING, logger="bot.engine"), pytest.raises(GenerationFailed):
+            await engine.generate(ask("bad"), conversation_key="bad")
+
+    [record] = [record for record in caplog.records if record.getMessage().startswith("a request failed")]
+    assert "processor refused the prompt" in record.getMessage()
+    assert record.exc_info is not None and record.exc_info[0] is ValueError
 
 
 async def test_out_of_memory_retries_each_request_alone_with_fewer_pixels(
