@@ -20,6 +20,7 @@ from pydantic import SecretStr
 
 from bot.answering import AnswerService
 from bot.discord.commands import GuardedCommandTree, build_commands
+from bot.discord.delivery import DeliveryTracker
 from bot.discord.messages import MessageHandler
 from bot.errors import ConfigError
 from bot.settings import DiscordSettings, Settings
@@ -66,7 +67,8 @@ class VisionBot(discord.Client):
         self.tree = GuardedCommandTree(self)
         for command in build_commands():
             self.tree.add_command(command)
-        self._messages = MessageHandler(self, service, settings)
+        self.deliveries = DeliveryTracker()
+        self._messages = MessageHandler(self, service, settings, self.deliveries)
 
     @property
     def service(self) -> AnswerService:
@@ -109,7 +111,7 @@ async def run_discord(settings: Settings, token: SecretStr, service: AnswerServi
     """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly."""
     client = VisionBot(settings.discord, service)
     loop = asyncio.get_running_loop()
-    handled = _close_on_signals(loop, client)
+    handled = _close_on_signals(loop, client, grace=settings.engine.shutdown_grace_seconds)
     try:
         async with client:
             await client.start(token.get_secret_value())
@@ -126,12 +128,29 @@ async def run_discord(settings: Settings, token: SecretStr, service: AnswerServi
     log.info("disconnected from Discord")
 
 
-def _close_on_signals(loop: asyncio.AbstractEventLoop, client: discord.Client) -> list[signal.Signals]:
+def _close_on_signals(
+    loop: asyncio.AbstractEventLoop, client: VisionBot, *, grace: float
+) -> list[signal.Signals]:
     closing: set[asyncio.Task[None]] = set()
 
+    async def drain_and_close() -> None:
+        # Answers in progress finish (and their placeholders become answers) before the connection closes.
+        if not await client.deliveries.drain(grace):
+            active = client.deliveries.active
+            log.warning("%d answers were still running after %.0fs; closing anyway", active, grace)
+        await client.close()
+
     def request_close(sig: signal.Signals) -> None:
-        log.info("received %s; closing the Discord connection", sig.name)
-        task = loop.create_task(client.close())
+        if closing:  # a second signal: stop waiting for the answers in progress
+            log.info("received %s again; closing the Discord connection now", sig.name)
+            task = loop.create_task(client.close())
+        else:
+            log.info(
+                "received %s; finishing %d answers in progress, then closing the Discord connection",
+                sig.name,
+                client.deliveries.active,
+            )
+            task = loop.create_task(drain_and_close())
         closing.add(task)
         task.add_done_callback(closing.discard)
 

@@ -132,6 +132,7 @@ async def _answer(interaction: discord.Interaction, text: str, attachments: list
             question,
             InteractionTarget(interaction, _messageable(interaction)),
             interval=bot.discord_settings.stream_edit_interval_seconds,
+            tracker=bot.deliveries,
             present_error=present_error,
         )
 

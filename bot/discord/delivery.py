@@ -7,9 +7,10 @@ never propagate into discord.py's gateway loop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
 
 import discord
 
@@ -17,7 +18,7 @@ from bot.answering import AnswerService, Question, ThreadOrigin
 from bot.content import ConversationScope
 from bot.discord.replies import ReplyTarget, StreamingReply
 from bot.discord.triggers import parent_scope
-from bot.errors import BotError
+from bot.errors import BotError, EngineStopped
 
 log = logging.getLogger("bot.discord.delivery")
 
@@ -25,6 +26,42 @@ GENERIC_FAILURE = BotError.user_message
 
 # Shows an error sentence in place of the reply; the default replaces whatever the reply showed.
 ErrorPresenter = Callable[[StreamingReply, str], Awaitable[None]]
+
+
+class DeliveryTracker:
+    """Counts the answers being delivered, so a shutdown can let them finish before disconnecting."""
+
+    def __init__(self) -> None:
+        self._active = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self.draining = False
+
+    @property
+    def active(self) -> int:
+        """Answers being delivered now."""
+        return self._active
+
+    @asynccontextmanager
+    async def track(self) -> AsyncIterator[None]:
+        """Count one delivery for the duration of the block."""
+        self._active += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._active -= 1
+            if self._active == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Refuse new deliveries, wait up to `timeout` seconds for the running ones; True if all ended."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
 
 
 async def _replace_reply(reply: StreamingReply, text: str) -> None:
@@ -47,14 +84,22 @@ async def deliver(
     target: ReplyTarget,
     *,
     interval: float,
+    tracker: DeliveryTracker,
     typing_in: discord.abc.Messageable | None = None,
     present_error: ErrorPresenter = _replace_reply,
 ) -> None:
-    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer."""
+    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer.
+
+    While the bot shuts down (`tracker.draining`), a new question is told to come back instead.
+    """
     async with AsyncExitStack() as stack:
+        await stack.enter_async_context(tracker.track())
         if typing_in is not None:
             await _start_typing(stack, typing_in)
         reply = await stack.enter_async_context(StreamingReply(target, interval=interval))
+        if tracker.draining:
+            await present_error(reply, EngineStopped.user_message)
+            return
         try:
             answer = await service.answer(
                 question, on_text=reply.on_text, on_queue_position=reply.on_queue_position

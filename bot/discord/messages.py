@@ -13,9 +13,9 @@ from dataclasses import replace
 import discord
 
 from bot.answering import AnswerService, Question
-from bot.discord.delivery import deliver, thread_origin
+from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
 from bot.discord.replies import ChannelTarget
-from bot.discord.triggers import attachment_refs, is_allowed, scope_of, strip_mention
+from bot.discord.triggers import attachment_refs, guild_id_of, is_allowed, scope_of, strip_mention
 from bot.errors import InputError
 from bot.settings import DiscordSettings
 
@@ -29,10 +29,17 @@ _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 class MessageHandler:
     """Turns the client's `on_message` events into answered questions."""
 
-    def __init__(self, client: discord.Client, service: AnswerService, settings: DiscordSettings) -> None:
+    def __init__(
+        self,
+        client: discord.Client,
+        service: AnswerService,
+        settings: DiscordSettings,
+        deliveries: DeliveryTracker,
+    ) -> None:
         self._client = client
         self._service = service
         self._settings = settings
+        self._deliveries = deliveries
         self._warned_empty_content = False
 
     async def handle(self, message: discord.Message) -> None:
@@ -46,8 +53,8 @@ class MessageHandler:
         me = self._client.user
         if me is None or message.author.bot or message.type not in _ANSWERED_TYPES:
             return
-        guild_id = message.guild.id if message.guild is not None else None
-        channel = await self._resolve_channel(message)
+        guild_id = guild_id_of(message)
+        channel = await self._resolve_channel(message, guild_id)
         if not is_allowed(
             self._settings,
             user=message.author,
@@ -97,6 +104,7 @@ class MessageHandler:
             question,
             ChannelTarget(reply_channel, reference),
             interval=self._settings.stream_edit_interval_seconds,
+            tracker=self._deliveries,
             typing_in=reply_channel,
         )
 
@@ -112,10 +120,12 @@ class MessageHandler:
             return False
         return True
 
-    async def _resolve_channel(self, message: discord.Message) -> discord.abc.Messageable:
-        """The message's channel as a full object; a thread missing from the cache is fetched once."""
+    async def _resolve_channel(
+        self, message: discord.Message, guild_id: int | None
+    ) -> discord.abc.Messageable:
+        """The message's channel as a full object; a channel missing from the cache is fetched once."""
         channel = message.channel
-        if message.guild is not None and isinstance(channel, discord.PartialMessageable):
+        if guild_id is not None and isinstance(channel, discord.PartialMessageable):
             try:
                 fetched = await self._client.fetch_channel(channel.id)
             except discord.HTTPException as exc:

@@ -12,6 +12,17 @@ from bot.content import ConversationScope
 from bot.settings import DiscordSettings
 
 
+def guild_id_of(message: discord.Message) -> int | None:
+    """The guild a message was sent in, or None for a DM.
+
+    Right after connecting, a guild may not be cached yet: its messages then arrive with `guild` None and a
+    `PartialMessageable` channel that still carries the guild id. They must not pass for DMs.
+    """
+    if message.guild is not None:
+        return message.guild.id
+    return getattr(message.channel, "guild_id", None)
+
+
 def scope_of(
     channel: discord.abc.Messageable | None, guild_id: int | None, channel_id: int
 ) -> ConversationScope:

@@ -12,6 +12,7 @@ import signal
 import sys
 from pathlib import Path
 
+from bot.errors import EngineStopped
 from tests.discord.harness import TOKEN, png_bytes
 from tests.fakediscord.server import FakeDiscord
 
@@ -45,9 +46,14 @@ allowed_hosts = ["127.0.0.1"]
     return path
 
 
+def _replies_to(message: dict, question: dict) -> bool:
+    reference = message.get("message_reference") or {}
+    return int(reference.get("message_id", 0)) == int(question["id"])
+
+
 async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Path, tmp_path: Path) -> None:
     fake = FakeDiscord(token=TOKEN)
-    _guild, (channel,), _ = fake.add_guild("Guild", ["general"], ())
+    guild_id, (channel,), _ = fake.add_guild("Guild", ["general"], ())
     alice = fake.add_user("alice")
     await fake.start()
     config = _config(tmp_path / "config.toml", fake, tiny_model_dir, tmp_path / "data")
@@ -68,20 +74,34 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         await fake.wait_connected(timeout=120)
         await fake.wait_for_request(lambda request: request.method == "PUT", timeout=30)  # commands synced
         data = png_bytes()
-        attachment = fake.attachment(
-            fake.add_file("cat.png", data, "image/png"), "cat.png", len(data), "image/png"
+        slow = fake.add_file("cat.png", data, "image/png", delay=2.0)
+        attachment = fake.attachment(slow, "cat.png", len(data), "image/png")
+        question = await fake.send_message(
+            channel, alice, f"{fake.bot.mention} what is this?", attachments=[attachment]
         )
-        await fake.send_message(channel, alice, f"{fake.bot.mention} what is this?", attachments=[attachment])
+        await fake.wait_for_request(lambda request: request.path.endswith(f"/channels/{channel}/typing"))
+        # Stopped while that answer waits for its image: it is still delivered before the bot disconnects,
+        # and a question arriving meanwhile is told to come back.
+        process.send_signal(signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        await fake.send_message(channel, alice, f"{fake.bot.mention} still there?")
+        told = await fake.wait_for_message(channel, lambda m: m["content"] == EngineStopped.user_message)
         reply = await fake.wait_for_message(
-            channel, lambda message: bool(message["content"].strip()), timeout=60
+            channel,
+            lambda m: _replies_to(m, question) and m["content"] != EngineStopped.user_message,
+            timeout=60,
         )
-        assert reply["message_reference"]["message_id"]
+        assert reply["content"].strip() and told["id"] != reply["id"]
         assert (tmp_path / "data" / "bot.sqlite3").is_file()
     finally:
-        process.send_signal(signal.SIGTERM)
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
         await fake.close()
     log = output.decode()
     assert process.returncode == 0, log[-3000:]
     assert "applying database migrations" in log
+    assert "finishing 1 answers in progress" in log
+    # The first question came while the guild was still being cached: it is still a guild message, not a DM.
+    assert f"in discord:{guild_id}:{channel}:{channel}" in log and "in discord:0:" not in log
     assert TOKEN not in log

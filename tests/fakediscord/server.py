@@ -97,6 +97,7 @@ class FakeDiscord:
         self._guilds: dict[int, Json] = {}
         self._channels: dict[int, Json] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
+        self._file_delays: dict[str, float] = {}
         self._interactions: dict[str, _Interaction] = {}
         self._sockets: list[web.WebSocketResponse] = []
         self._sequence = 0
@@ -187,9 +188,10 @@ class FakeDiscord:
         self._channels[channel_id] = payloads.dm_channel(channel_id, recipient.payload)
         return channel_id
 
-    def add_file(self, name: str, data: bytes, content_type: str) -> str:
-        """Serve `data` from the CDN; returns its URL (signed-looking, like Discord's)."""
+    def add_file(self, name: str, data: bytes, content_type: str, *, delay: float = 0.0) -> str:
+        """Serve `data` from the CDN after `delay` seconds; returns its URL (signed-looking, as Discord)."""
         self._files[name] = (data, content_type)
+        self._file_delays[name] = delay
         return f"{self.base_url}/cdn/{name}?ex=0&is=0&hm={secrets.token_hex(8)}"
 
     def missing_file_url(self, name: str) -> str:
@@ -474,9 +476,11 @@ class FakeDiscord:
             await socket.send_json({"op": OP_DISPATCH, "t": "GUILD_CREATE", "s": self._sequence, "d": data})
 
     async def _cdn(self, request: web.Request) -> web.Response:
-        found = self._files.get(request.match_info["name"])
+        name = request.match_info["name"]
+        found = self._files.get(name)
         if found is None:
             return web.Response(status=404, text="Not Found")
+        await asyncio.sleep(self._file_delays[name])
         data, content_type = found
         return web.Response(body=data, headers={"Content-Type": content_type})  # aiohttp sets Content-Length
 
