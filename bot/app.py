@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 
 from bot.answering import AnswerService
 from bot.engine import InferenceEngine
-from bot.errors import BotError
+from bot.errors import BotError, ConfigError
 from bot.media import MediaFetcher
 from bot.settings import Settings, StorageSettings
 from bot.store import ConversationStore, upgrade
@@ -19,8 +19,12 @@ log = logging.getLogger("bot.app")
 
 def migrate(storage: StorageSettings) -> None:
     """Create the data directories and bring the database to the latest schema (blocking)."""
-    storage.data_dir.mkdir(parents=True, exist_ok=True)
-    storage.resolved_media_dir.mkdir(parents=True, exist_ok=True)
+    directories = (("storage.data_dir", storage.data_dir), ("storage.media_dir", storage.resolved_media_dir))
+    for key, path in directories:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from None
     upgrade(storage.resolved_database_url, busy_timeout_ms=storage.sqlite_busy_timeout_ms)
 
 

@@ -44,6 +44,10 @@ async def run_chat(
 ) -> int:
     """Answer one question (when given) or run an interactive session; return the exit status."""
     out = out or sys.stdout
+    missing = [str(path) for path in images if not path.is_file()]
+    if missing:  # said before the model loads, which can take minutes
+        print(f"No such file: {', '.join(missing)}", file=out)
+        return 1
     scope = conversation_scope(conversation)
     async with running_service(settings) as service:
         if reset:

@@ -91,3 +91,22 @@ def test_chat_reports_a_bad_image_clearly(
 def test_make_tiny_model(tmp_path: Path) -> None:
     assert main(["make-tiny-model", str(tmp_path / "tiny")]) == 0
     assert (tmp_path / "tiny" / "config.json").is_file()
+
+
+def test_a_missing_image_is_reported_before_the_model_loads(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, tmp_path / "no-model-here")
+    assert main(["--config", str(config), "chat", "--image", str(tmp_path / "nope.png"), "hi"]) == 1
+    assert f"No such file: {tmp_path / 'nope.png'}" in capsys.readouterr().out
+
+
+def test_a_data_dir_that_cannot_be_created_is_a_config_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[storage]\ndata_dir = "{(blocker / "data").as_posix()}"\n')
+    assert main(["--config", str(config), "db", "upgrade"]) == 2
+    assert "storage.data_dir: cannot create" in capsys.readouterr().err
