@@ -1,9 +1,10 @@
 """A Discord-compatible gateway + REST API + CDN on 127.0.0.1, for end-to-end tests of the real client.
 
-The test builds a small world (guilds, channels, users, roles, files), starts the server, points the bot at
-`api_base_url`, then plays users: `send_message`, `create_thread`, `slash_command`, `context_menu` dispatch
-gateway events. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await
-them with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
+The test builds a small world (guilds, channels, users with their guilds and roles, files), starts the
+server, points the bot at `api_base_url`, then plays users: `send_message`, `create_thread`,
+`slash_command`, `context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users'
+guilds. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await them
+with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
 An interaction whose id is over 15 minutes old plays one deferred in time whose token has since expired: its
 callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token.
 """
@@ -46,6 +47,7 @@ class FakeUser:
     name: str
     bot: bool = False
     role_ids: list[int] = field(default_factory=list)
+    guild_ids: list[int] = field(default_factory=list)
 
     @property
     def payload(self) -> Json:
@@ -95,6 +97,7 @@ class FakeDiscord:
         self.commands: list[Json] = []
         self.identify_payloads: list[Json] = []
         self._guilds: dict[int, Json] = {}
+        self._users: dict[int, FakeUser] = {}
         self._channels: dict[int, Json] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
         self._file_delays: dict[str, float] = {}
@@ -116,6 +119,7 @@ class FakeDiscord:
         api.get("/api/v10/gateway/bot")(self._get_gateway_bot)
         api.get("/api/v10/users/@me")(self._get_me)
         api.get("/api/v10/oauth2/applications/@me")(self._get_application)
+        api.get("/api/v10/guilds/{guild_id}/members/{user_id}")(self._get_member)
         api.put("/api/v10/applications/{app_id}/commands")(self._put_commands)
         api.get("/api/v10/channels/{channel_id}")(self._get_channel)
         api.post("/api/v10/channels/{channel_id}/typing")(self._typing)
@@ -180,8 +184,20 @@ class FakeDiscord:
         )
         return guild_id, channel_ids, role_ids
 
-    def add_user(self, name: str, *, bot: bool = False, role_ids: list[int] | None = None) -> FakeUser:
-        return FakeUser(snowflake(), name, bot=bot, role_ids=list(role_ids or []))
+    def add_user(
+        self,
+        name: str,
+        *,
+        bot: bool = False,
+        role_ids: list[int] | None = None,
+        guild_ids: list[int] | None = None,
+    ) -> FakeUser:
+        """A user; `guild_ids` are the guilds they are a member of (what `GET .../members/{id}` answers)."""
+        user = FakeUser(
+            snowflake(), name, bot=bot, role_ids=list(role_ids or []), guild_ids=list(guild_ids or [])
+        )
+        self._users[user.id] = user
+        return user
 
     def add_dm_channel(self, recipient: FakeUser) -> int:
         channel_id = snowflake()
@@ -493,6 +509,17 @@ class FakeDiscord:
 
     async def _get_application(self, request: web.Request) -> web.Response:
         return _json(payloads.application(self.application_id, self.owner.payload))
+
+    async def _get_member(self, request: web.Request) -> web.Response:
+        guild = self._guilds.get(int(request.match_info["guild_id"]))
+        if guild is None:
+            return _error(404, "Unknown Guild", 10004)
+        user = self._users.get(int(request.match_info["user_id"]))
+        if user is None or int(guild["id"]) not in user.guild_ids:
+            return _error(404, "Unknown Member", 10007)
+        guild_roles = {int(role["id"]) for role in guild["roles"]}
+        roles = [role_id for role_id in user.role_ids if role_id in guild_roles]
+        return _json(payloads.member(roles, with_user=user.payload))
 
     async def _put_commands(self, request: web.Request) -> web.Response:
         body = await request.json()
