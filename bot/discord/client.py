@@ -19,6 +19,7 @@ from discord.http import Route
 from pydantic import SecretStr
 
 from bot.answering import AnswerService
+from bot.discord.access import AccessPolicy
 from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
 from bot.discord.messages import MessageHandler
@@ -68,7 +69,8 @@ class VisionBot(discord.Client):
         for command in build_commands():
             self.tree.add_command(command)
         self.deliveries = DeliveryTracker()
-        self._messages = MessageHandler(self, service, settings, self.deliveries)
+        self._access = AccessPolicy(self, settings)
+        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access)
 
     @property
     def service(self) -> AnswerService:
@@ -79,6 +81,11 @@ class VisionBot(discord.Client):
     def discord_settings(self) -> DiscordSettings:
         """The `[discord]` section of the configuration."""
         return self._settings
+
+    @property
+    def access(self) -> AccessPolicy:
+        """The allow-lists, applied to messages and commands alike."""
+        return self._access
 
     async def login(self, token: str) -> None:
         """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""

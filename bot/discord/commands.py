@@ -17,9 +17,10 @@ from discord import app_commands
 
 from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
 from bot.content import ConversationScope
+from bot.discord.access import AccessPolicy
 from bot.discord.delivery import GENERIC_FAILURE, deliver, thread_origin
 from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
-from bot.discord.triggers import attachment_refs, is_allowed, scope_of
+from bot.discord.triggers import attachment_refs, scope_of
 from bot.errors import BotError
 from bot.settings import DiscordSettings
 
@@ -39,18 +40,25 @@ class Serving(Protocol):
     @property
     def discord_settings(self) -> DiscordSettings: ...
 
+    @property
+    def access(self) -> AccessPolicy: ...
+
 
 class GuardedCommandTree(app_commands.CommandTree):
     """A command tree that applies the allow-lists and answers every failure ephemerally."""
 
     async def interaction_check(self, interaction: discord.Interaction, /) -> bool:
-        return is_allowed(
-            _serving(interaction).discord_settings,
+        # A False return would leave the interaction unanswered ("The application did not respond"); a
+        # CheckFailure reaches `on_error`, which tells the user.
+        allowed = await _serving(interaction).access.allows(
             user=interaction.user,
             guild_id=interaction.guild_id,
             channel=_messageable(interaction),
             channel_id=interaction.channel_id or 0,
         )
+        if not allowed:
+            raise app_commands.CheckFailure(f"user {interaction.user.id} is not allowed here")
+        return True
 
     async def on_error(
         self, interaction: discord.Interaction, error: app_commands.AppCommandError, /

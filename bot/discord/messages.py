@@ -2,7 +2,7 @@
 
 A message is for the bot when it mentions the bot, replies to one of the bot's messages, arrives in a thread
 the bot started or whose conversation it is part of (if configured), or is a DM (if allowed). Bots and
-everything outside the allow-lists are ignored.
+everything outside the allow-lists (see `AccessPolicy`) are ignored silently.
 """
 
 from __future__ import annotations
@@ -13,9 +13,10 @@ from dataclasses import replace
 import discord
 
 from bot.answering import AnswerService, Question
+from bot.discord.access import AccessPolicy
 from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
 from bot.discord.replies import ChannelTarget
-from bot.discord.triggers import attachment_refs, guild_id_of, is_allowed, scope_of, strip_mention
+from bot.discord.triggers import attachment_refs, guild_id_of, scope_of, strip_mention
 from bot.errors import InputError
 from bot.settings import DiscordSettings
 
@@ -35,11 +36,13 @@ class MessageHandler:
         service: AnswerService,
         settings: DiscordSettings,
         deliveries: DeliveryTracker,
+        access: AccessPolicy,
     ) -> None:
         self._client = client
         self._service = service
         self._settings = settings
         self._deliveries = deliveries
+        self._access = access
         self._warned_empty_content = False
 
     async def handle(self, message: discord.Message) -> None:
@@ -55,8 +58,7 @@ class MessageHandler:
             return
         guild_id = guild_id_of(message)
         channel = await self._resolve_channel(message, guild_id)
-        if not is_allowed(
-            self._settings,
+        if not await self._access.allows(
             user=message.author,
             guild_id=guild_id,
             channel=channel,

@@ -60,7 +60,10 @@ def is_allowed(
     channel: discord.abc.Messageable | None,
     channel_id: int,
 ) -> bool:
-    """Whether the allow-lists let `user` talk to the bot here (an empty list allows everything)."""
+    """Whether the allow-lists let `user` talk to the bot here (an empty list allows everything).
+
+    A DM passes when DMs are allowed; `AccessPolicy` then checks guild membership where guild or role lists
+    are set."""
     if settings.allowed_user_ids and user.id not in settings.allowed_user_ids:
         return False
     if guild_id is None:

@@ -16,10 +16,11 @@ import pytest
 import pytest_asyncio
 
 from bot.content import ConversationScope
+from bot.discord.commands import NOT_ALLOWED_HERE
 from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
 from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
 from tests.fakediscord.payloads import snowflake
-from tests.fakediscord.server import FakeDiscord, FakeUser
+from tests.fakediscord.server import FakeDiscord, FakeUser, RecordedRequest
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -35,9 +36,12 @@ class World:
     channels: dict[str, int]
     alice: FakeUser
     bob: FakeUser
-    outsider: FakeUser
+    outsider: FakeUser  # a member of the guild without the allowed role
+    stranger: FakeUser  # no member of the guild
     other_bot: FakeUser
     dm_channel: int
+    outsider_dm: int
+    stranger_dm: int
 
     def scope(self, channel: str, thread_id: int | None = None) -> ConversationScope:
         return ConversationScope("discord", self.channels[channel], self.guild_id, thread_id)
@@ -57,7 +61,8 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     fake = FakeDiscord(token=TOKEN)
     guild_id, channel_ids, (member_role,) = fake.add_guild("Guild", CHANNELS, ("members",))
     channels = dict(zip(CHANNELS, channel_ids, strict=True))
-    alice = fake.add_user("alice", role_ids=[member_role])
+    alice = fake.add_user("alice", role_ids=[member_role], guild_ids=[guild_id])
+    outsider, stranger = fake.add_user("outsider", guild_ids=[guild_id]), fake.add_user("stranger")
     await fake.start()
     settings = bot_settings(
         tiny_model_dir,
@@ -77,10 +82,13 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             guild_id=guild_id,
             channels=channels,
             alice=alice,
-            bob=fake.add_user("bob", role_ids=[member_role]),
-            outsider=fake.add_user("outsider"),
-            other_bot=fake.add_user("otherbot", bot=True, role_ids=[member_role]),
+            bob=fake.add_user("bob", role_ids=[member_role], guild_ids=[guild_id]),
+            outsider=outsider,
+            stranger=stranger,
+            other_bot=fake.add_user("otherbot", bot=True, role_ids=[member_role], guild_ids=[guild_id]),
             dm_channel=fake.add_dm_channel(alice),
+            outsider_dm=fake.add_dm_channel(outsider),
+            stranger_dm=fake.add_dm_channel(stranger),
         )
     finally:
         await bot.stop()
@@ -314,13 +322,50 @@ async def test_context_menu_describes_the_target_messages_image(world: World) ->
     assert "Describe this image." in str(world.bot.prompts[-1][-1]["content"])
 
 
+def _member_lookups(world: World, user: FakeUser) -> list[RecordedRequest]:
+    return world.fake.requests_to("GET", f"/guilds/{world.guild_id}/members/{user.id}")
+
+
 async def test_a_dm_is_answered_without_a_mention(world: World) -> None:
     fake = world.fake
     known = len(world.bot.replies)
     await fake.send_message(world.dm_channel, world.alice, "hello in private")
     await world.bot.wait_reply(world.dm_channel, after=known)
+    await fake.send_message(world.dm_channel, world.alice, "and again")
+    await world.bot.wait_reply(world.dm_channel, after=known + 1)
     scope = ConversationScope("discord", world.dm_channel)
-    assert await world.stats(scope) == (1, 0)
+    assert await world.stats(scope) == (2, 0)
+    assert len(_member_lookups(world, world.alice)) == 1, "the role was checked once, then remembered"
+
+
+@pytest.mark.parametrize("who", ["outsider", "stranger"])
+async def test_a_dm_from_someone_without_an_allowed_role_in_the_guild_is_ignored(
+    world: World, who: str
+) -> None:
+    fake, user = world.fake, getattr(world, who)
+    channel = getattr(world, f"{who}_dm")
+    await fake.send_message(channel, user, "hello in private")
+    await fake.wait_for_request(lambda r: r.method == "GET" and f"/members/{user.id}" in r.path)
+    await fake.send_message(channel, user, "anyone there?")
+    await asyncio.sleep(1.0)
+    assert _posts(world, channel) == []
+    assert not fake.requests_to("POST", f"/channels/{channel}/typing")
+    assert await world.stats(ConversationScope("discord", channel)) == (0, 0)
+    assert len(_member_lookups(world, user)) == 1, "the refusal was remembered"
+
+
+@pytest.mark.parametrize("case", ["a DM without the role", "a channel not allowed"])
+async def test_a_slash_command_where_the_user_is_not_allowed_is_refused(world: World, case: str) -> None:
+    fake = world.fake
+    user, channel = {
+        "a DM without the role": (world.outsider, world.outsider_dm),
+        "a channel not allowed": (world.alice, world.channels["restricted"]),
+    }[case]
+    token = await fake.slash_command(channel, user, "history")
+    callback = await fake.wait_for_request(lambda r: r.method == "POST" and f"/{token}/callback" in r.path)
+    assert callback.body["type"] == 4
+    assert callback.body["data"]["content"] == NOT_ALLOWED_HERE
+    assert callback.body["data"]["flags"] == 64
 
 
 async def test_the_token_never_appears_in_logs(world: World) -> None:
