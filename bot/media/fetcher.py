@@ -15,7 +15,7 @@ from bot.errors import TooLarge, Unreachable, UnsupportedMediaType
 from bot.media.decode import image_size, probe_video, validate_image
 from bot.media.download import byte_cap, download
 from bot.media.sniff import SNIFF_BYTES, MediaType, sniff
-from bot.media.storage import content_path, sha256_hex, store_content_addressed
+from bot.media.storage import content_path, reuse_existing, sha256_hex, store_content_addressed
 from bot.settings import MediaSettings
 
 log = logging.getLogger("bot.media")
@@ -98,7 +98,7 @@ class MediaFetcher:
         max_pixels = self._settings.max_pixels
         digest = sha256_hex(data)
         path = content_path(self._media_dir, digest, media_type.extension)
-        if path.is_file():  # stored as sent before, hence validated: read the size from the header only
+        if reuse_existing(path):  # stored as sent before, hence validated: read the size from the header only
             width, height = image_size(data, media_type, max_pixels)
             return StoredMedia(digest, path, media_type.mime_type, width, height, len(data), "image")
         image = validate_image(data, media_type, max_pixels)

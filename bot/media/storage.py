@@ -29,10 +29,9 @@ def store_content_addressed(
     """
     digest = digest or sha256_hex(data)
     path = content_path(media_dir, digest, extension)
-    if path.exists():
+    if reuse_existing(path):
         return digest, path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=extension)
+    fd, temp_name = _temporary_file(path.parent, extension)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -41,3 +40,29 @@ def store_content_addressed(
         Path(temp_name).unlink(missing_ok=True)
         raise
     return digest, path
+
+
+def reuse_existing(path: Path) -> bool:
+    """Whether `path` is already stored; if so its mtime is set to now.
+
+    The retention purge deletes a file no media row references once its mtime is older than a grace period;
+    refreshing it here keeps a file that a question in flight reuses from counting as an old orphan before
+    that question's turn is recorded.
+    """
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    except OSError:  # e.g. a read-only media dir: the file is still usable, only its mtime stays old
+        pass
+    return path.is_file()
+
+
+def _temporary_file(folder: Path, extension: str) -> tuple[int, str]:
+    """Create a temporary file in `folder`, making the folder first."""
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=extension)
+    except FileNotFoundError:  # the purge removed the folder as empty just after the mkdir
+        folder.mkdir(parents=True, exist_ok=True)
+        return tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=extension)

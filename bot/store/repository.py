@@ -13,6 +13,7 @@ import asyncio
 import functools
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Self, TypeVar
@@ -27,6 +28,7 @@ from bot.store.results import ConversationStats, ForgetResult, PurgeResult, Reco
 from bot.store.sync_store import SyncStore
 
 T = TypeVar("T")
+DEFAULT_ORPHAN_GRACE = timedelta(hours=1)
 
 
 class ConversationStore:
@@ -145,9 +147,15 @@ class ConversationStore:
         """Delete the conversation's messages, then media files nothing else uses; the scope stays usable."""
         return await self._run(lambda store: store.forget(conversation_id))
 
-    async def purge_older_than(self, days: int) -> PurgeResult:
-        """Delete turns older than `days` days in every conversation, and media nothing uses anymore."""
-        return await self._run(lambda store: store.purge_older_than(days))
+    async def purge_older_than(
+        self, days: int, *, orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE
+    ) -> PurgeResult:
+        """Delete turns older than `days` days in every conversation, and media nothing uses anymore.
+
+        Files under the media dir without a media row (stored for a question that then failed) go too, once
+        their mtime is older than `orphan_grace`: a question in flight records its file well within it.
+        """
+        return await self._run(lambda store: store.purge_older_than(days, orphan_grace))
 
     async def stats(self, conversation_id: int) -> ConversationStats:
         """How many turns, images and videos the conversation holds."""

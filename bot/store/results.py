@@ -24,10 +24,15 @@ class ForgetResult:
 
 @dataclass(frozen=True, slots=True)
 class PurgeResult:
-    """What the retention purge deleted, across all conversations."""
+    """What the retention purge deleted, across all conversations.
+
+    `orphan_files_deleted` counts files under the media dir that no media row referenced (stored for a
+    question that then failed) and that were older than the grace period.
+    """
 
     messages_deleted: int
     media_deleted: int
+    orphan_files_deleted: int = 0
 
 
 @dataclass(frozen=True, slots=True)

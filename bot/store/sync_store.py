@@ -8,7 +8,7 @@ unique key, a question recorded twice) rely on the unique constraints and look t
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bot.content import ChatMessage, ConversationScope, MediaKind, Role, StoredMedia, TextPart
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
+from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
 from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
 
@@ -192,7 +193,7 @@ class SyncStore:
         self._unlink(paths)
         return ForgetResult(messages_deleted=deleted, media_deleted=len(paths))
 
-    def purge_older_than(self, days: int) -> PurgeResult:
+    def purge_older_than(self, days: int, orphan_grace: timedelta) -> PurgeResult:
         cutoff = utcnow() - timedelta(days=days)
         with self._sessions.begin() as session:
             old_ids = select(Message.id).where(Message.created_at < cutoff)
@@ -200,7 +201,8 @@ class SyncStore:
             deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
             paths = _delete_orphan_media(session, None)
         self._unlink(paths)
-        return PurgeResult(messages_deleted=deleted, media_deleted=len(paths))
+        orphans = sweep_orphan_files(self._media_root, self._referenced_paths, orphan_grace)
+        return PurgeResult(messages_deleted=deleted, media_deleted=len(paths), orphan_files_deleted=orphans)
 
     def stats(self, conversation_id: int) -> ConversationStats:
         with self._sessions() as session:
@@ -284,6 +286,18 @@ class SyncStore:
             return path.resolve().relative_to(self._media_root).as_posix()
         except ValueError:
             raise ValueError(f"media file {path} is outside the media directory {self._media_dir}") from None
+
+    def _referenced_paths(self, relative_paths: Collection[str]) -> set[str]:
+        """Those of these paths (relative to the media dir) that a media row uses."""
+        candidates = list(relative_paths)
+        used: set[str] = set()
+        with self._sessions() as session:
+            for start in range(0, len(candidates), _CHUNK):
+                chunk = candidates[start : start + _CHUNK]
+                used.update(
+                    session.scalars(select(Media.relative_path).where(Media.relative_path.in_(chunk)))
+                )
+        return used
 
     def _unlink(self, relative_paths: Iterable[str]) -> None:
         """Delete files whose rows are gone (after the commit: a failed transaction never loses a file)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from pathlib import Path
 
@@ -225,6 +226,18 @@ async def test_a_repeat_is_not_decoded_again(
     assert await fetcher.fetch(media_server.serve_bytes("/again.jpg", upload)) == first
     with pytest.raises(AssertionError, match="decoded again"):  # a new upload still is
         await fetcher.store_bytes(encode(two_colour_image(), "JPEG", quality=80))
+
+
+async def test_a_repeat_refreshes_the_stored_files_mtime(fetcher: MediaFetcher) -> None:
+    """The purge's orphan sweep spares files younger than its grace period, so a reused file must look new."""
+    uploads = (encode(two_colour_image(), "PNG"), exif_rotated_jpeg())  # kept as sent, and re-encoded
+    for upload in uploads:
+        stored = await fetcher.store_bytes(upload)
+        long_ago = time.time() - 3 * 3600
+        os.utime(stored.path, (long_ago, long_ago))
+        started = time.time()
+        assert await fetcher.store_bytes(upload) == stored
+        assert stored.path.stat().st_mtime >= started - 1
 
 
 async def test_a_repeat_over_a_lowered_pixel_cap_is_refused(
