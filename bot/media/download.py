@@ -2,7 +2,8 @@
 on announced, declared and streamed sizes, timeouts, and retries with exponential backoff for transient
 failures.
 
-    HostNotAllowed    scheme not http(s), or host (or a redirect's host) not in `allowed_hosts`; no connection
+    HostNotAllowed    scheme not http(s), or host (or a redirect's host) not in `allowed_hosts`, or a redirect
+                      from https down to http; no connection
     TooLarge          announced size, Content-Length or the streamed bytes over the cap
     UnsupportedMediaType  the first bytes are not a type we accept (the rest is not downloaded)
     Unreachable       404/403/410 and other 4xx, a redirect without a usable Location, too many redirects
@@ -38,6 +39,7 @@ log = logging.getLogger("bot.media")
 MAX_REDIRECTS = 3
 CHUNK_BYTES = 64 * 1024
 _REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+INSECURE_REDIRECT_MESSAGE = "That link redirected to an insecure (http) address, so I skipped it."
 
 
 class _RetryableStatus(Exception):
@@ -73,6 +75,21 @@ def check_allowed(url: URL, settings: MediaSettings) -> None:
     if url.scheme not in ("http", "https") or (url.host or "").lower() not in allowed:
         log.warning("refused %s: host not on the allow-list", redact(url))
         raise HostNotAllowed(f"{redact(url)} is not on an allowed host")
+
+
+def check_redirect(source: URL, target: URL, settings: MediaSettings) -> None:
+    """Raise HostNotAllowed unless a redirect from `source` to `target` may be followed.
+
+    Besides the allow-list, a redirect may not downgrade https to http: the rest of the download would go
+    in clear text, open to tampering, although the link itself was secure.
+    """
+    if source.scheme == "https" and target.scheme == "http":
+        log.warning("refused %s: redirect from https down to http", redact(target))
+        raise HostNotAllowed(
+            f"{redact(source)} redirected from https to {redact(target)}",
+            user_message=INSECURE_REDIRECT_MESSAGE,
+        )
+    check_allowed(target, settings)
 
 
 async def download(
@@ -114,8 +131,8 @@ async def _attempt(session: aiohttp.ClientSession, url: URL, settings: MediaSett
     timeout = aiohttp.ClientTimeout(
         total=None, connect=settings.connect_timeout_seconds, sock_connect=settings.connect_timeout_seconds
     )
+    check_allowed(url, settings)  # every later hop passed `check_redirect`
     for _ in range(MAX_REDIRECTS + 1):
-        check_allowed(url, settings)
         log.debug("GET %s", redact(url))
         async with session.get(
             url, allow_redirects=False, timeout=timeout, headers={"Accept-Encoding": "identity"}
@@ -125,9 +142,11 @@ async def _attempt(session: aiohttp.ClientSession, url: URL, settings: MediaSett
                 if not location:
                     raise Unreachable(f"{redact(url)} redirected without a Location")
                 try:
-                    url = url.join(URL(location))
+                    target = url.join(URL(location))
                 except ValueError:  # yarl refuses e.g. an unclosed IPv6 bracket or a port out of range
                     raise Unreachable(f"{redact(url)} redirected to an unparseable Location") from None
+                check_redirect(url, target, settings)
+                url = target
                 continue
             if response.status >= 500:
                 raise _RetryableStatus(response.status)
