@@ -51,7 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     db = commands.add_parser("db", help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
     db_commands.add_parser("upgrade", help="apply Alembic migrations up to the latest schema")
-    db_commands.add_parser("purge", help="delete turns older than history.retention_days")
+    db_commands.add_parser(
+        "purge", help="delete turns older than history.retention_days, and media files nothing uses"
+    )
 
     tiny = commands.add_parser("make-tiny-model", help="build the tiny random Qwen2.5-VL used by tests")
     tiny.add_argument("directory", type=Path)
@@ -78,14 +80,13 @@ def _with_model(settings: Settings, model: str | None) -> Settings:
 async def _purge(settings: Settings) -> int:
     from bot.app import make_store, migrate
 
-    days = settings.history.retention_days
-    if days is None:
-        print("history.retention_days is not set: nothing to purge.")
-        return 0
     await asyncio.to_thread(migrate, settings.storage)
     async with make_store(settings.storage) as store:
-        result = await store.purge_older_than(days)
-    print(f"Purged {result.messages_deleted} messages and {result.media_deleted} media files.")
+        result = await store.purge_older_than(settings.history.retention)
+    print(
+        f"Purged {result.messages_deleted} old messages, {result.media_deleted} unused media files and "
+        f"{result.orphan_files_deleted} orphaned files."
+    )
     return 0
 
 

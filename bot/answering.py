@@ -280,12 +280,9 @@ class AnswerService:
         """Whether the bot already talks in `scope` (used for threads answered without a mention)."""
         return await self._store.find_conversation(scope) is not None
 
-    async def purge_expired(self) -> PurgeResult | None:
-        """Delete turns older than the configured retention; None when retention is off."""
-        days = self._settings.history.retention_days
-        if days is None:
-            return None
-        return await self._store.purge_older_than(days)
+    async def purge_expired(self) -> PurgeResult:
+        """Delete turns older than the configured retention (if any) and media files nothing uses."""
+        return await self._store.purge_older_than(self._settings.history.retention)
 
 
 def display_text(model_output: str) -> str:

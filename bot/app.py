@@ -41,18 +41,19 @@ PURGE_INTERVAL_SECONDS = 24 * 60 * 60
 
 
 async def purge_periodically(service: AnswerService, interval: float = PURGE_INTERVAL_SECONDS) -> None:
-    """Apply the history retention now and then every `interval` seconds, until cancelled."""
+    """Apply the history retention and sweep orphaned media now, then every `interval` seconds."""
     while True:
         try:
             result = await service.purge_expired()
         except BotError as exc:
             log.warning("retention purge failed: %r", exc)
         else:
-            if result is not None and result.messages_deleted:
+            if result.messages_deleted or result.orphan_files_deleted:
                 log.info(
-                    "retention purge: %d messages and %d media files deleted",
+                    "purge: %d old messages, %d unused media files and %d orphaned files deleted",
                     result.messages_deleted,
                     result.media_deleted,
+                    result.orphan_files_deleted,
                 )
         await asyncio.sleep(interval)
 

@@ -93,7 +93,12 @@ class HistorySettings(_Section):
 
     max_turns: int = Field(default=20, ge=1)
     max_context_tokens: int = Field(default=8192, ge=256)
-    retention_days: int | None = Field(default=90, ge=1)
+    retention_days: int = Field(default=90, ge=0)  # 0: keep every turn forever
+
+    @property
+    def retention(self) -> int | None:
+        """Days turns are kept, or None to keep them forever."""
+        return self.retention_days or None
 
 
 class StorageSettings(_Section):

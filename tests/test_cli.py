@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -110,3 +112,19 @@ def test_a_data_dir_that_cannot_be_created_is_a_config_error(
     config.write_text(f'[storage]\ndata_dir = "{(blocker / "data").as_posix()}"\n')
     assert main(["--config", str(config), "db", "upgrade"]) == 2
     assert "storage.data_dir: cannot create" in capsys.readouterr().err
+
+
+def test_db_purge_sweeps_orphaned_files_even_when_turns_are_kept_forever(
+    tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _config(tmp_path, tiny_model_dir)
+    config.write_text(config.read_text() + "\n[history]\nretention_days = 0\n")
+    assert main(["--config", str(config), "db", "upgrade"]) == 0
+    orphan = tmp_path / "data" / "media" / "ab" / f"{'ab' * 32}.png"
+    orphan.parent.mkdir(parents=True)
+    orphan.write_bytes(b"left by a question that failed")
+    two_hours_ago = time.time() - 2 * 3600
+    os.utime(orphan, (two_hours_ago, two_hours_ago))
+    assert main(["--config", str(config), "db", "purge"]) == 0
+    assert "Purged 0 old messages, 0 unused media files and 1 orphaned files." in capsys.readouterr().out
+    assert not orphan.exists()

@@ -148,9 +148,9 @@ class ConversationStore:
         return await self._run(lambda store: store.forget(conversation_id))
 
     async def purge_older_than(
-        self, days: int, *, orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE
+        self, days: int | None, *, orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE
     ) -> PurgeResult:
-        """Delete turns older than `days` days in every conversation, and media nothing uses anymore.
+        """Delete turns older than `days` days (none when `days` is None) and media nothing uses anymore.
 
         Files under the media dir without a media row (stored for a question that then failed) go too, once
         their mtime is older than `orphan_grace`: a question in flight records its file well within it.

@@ -193,12 +193,14 @@ class SyncStore:
         self._unlink(paths)
         return ForgetResult(messages_deleted=deleted, media_deleted=len(paths))
 
-    def purge_older_than(self, days: int, orphan_grace: timedelta) -> PurgeResult:
-        cutoff = utcnow() - timedelta(days=days)
+    def purge_older_than(self, days: int | None, orphan_grace: timedelta) -> PurgeResult:
+        deleted = 0
         with self._sessions.begin() as session:
-            old_ids = select(Message.id).where(Message.created_at < cutoff)
-            session.execute(delete(MessageMedia).where(MessageMedia.message_id.in_(old_ids)))
-            deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
+            if days is not None:
+                cutoff = utcnow() - timedelta(days=days)
+                old_ids = select(Message.id).where(Message.created_at < cutoff)
+                session.execute(delete(MessageMedia).where(MessageMedia.message_id.in_(old_ids)))
+                deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
             paths = _delete_orphan_media(session, None)
         self._unlink(paths)
         orphans = sweep_orphan_files(self._media_root, self._referenced_paths, orphan_grace)
