@@ -17,6 +17,7 @@ from PIL import Image
 
 from bot.answering import Answer, AnswerService
 from bot.app import running_service
+from bot.content import ConversationScope
 from bot.discord import VisionBot
 from bot.engine import EngineRequest, EngineStats
 from bot.settings import Settings
@@ -168,3 +169,25 @@ class RunningBot:
 def image_parts(messages: list[dict]) -> list[Any]:
     """The image entries of a Qwen `messages` list."""
     return [part for message in messages for part in message["content"] if part.get("type") == "image"]
+
+
+@dataclass
+class GuildWorld:
+    """A fake guild with its channels, and the bot serving it; test modules add their users."""
+
+    fake: FakeDiscord
+    bot: RunningBot
+    guild_id: int
+    channels: dict[str, int]
+
+    def scope(self, channel: str, thread_id: int | None = None) -> ConversationScope:
+        return ConversationScope("discord", self.channels[channel], self.guild_id, thread_id)
+
+    async def stats(self, scope: ConversationScope) -> tuple[int, int]:
+        assert self.bot.service is not None
+        result = await self.bot.service.stats(scope)
+        return result.turns, result.images
+
+    def image(self, name: str) -> dict:
+        data = png_bytes()
+        return self.fake.attachment(self.fake.add_file(name, data, "image/png"), name, len(data), "image/png")

@@ -18,7 +18,7 @@ import pytest_asyncio
 from bot.content import ConversationScope
 from bot.discord.commands import NOT_ALLOWED_HERE
 from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
-from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
+from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import FakeDiscord, FakeUser, RecordedRequest
 
@@ -29,11 +29,7 @@ CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "res
 
 
 @dataclass
-class World:
-    fake: FakeDiscord
-    bot: RunningBot
-    guild_id: int
-    channels: dict[str, int]
+class World(GuildWorld):
     alice: FakeUser
     bob: FakeUser
     outsider: FakeUser  # a member of the guild without the allowed role
@@ -42,18 +38,6 @@ class World:
     dm_channel: int
     outsider_dm: int
     stranger_dm: int
-
-    def scope(self, channel: str, thread_id: int | None = None) -> ConversationScope:
-        return ConversationScope("discord", self.channels[channel], self.guild_id, thread_id)
-
-    async def stats(self, scope: ConversationScope) -> tuple[int, int]:
-        assert self.bot.service is not None
-        result = await self.bot.service.stats(scope)
-        return result.turns, result.images
-
-    def image(self, name: str) -> dict:
-        data = png_bytes()
-        return self.fake.attachment(self.fake.add_file(name, data, "image/png"), name, len(data), "image/png")
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

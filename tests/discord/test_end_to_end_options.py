@@ -17,10 +17,9 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from bot.content import ConversationScope
 from bot.discord.commands import NO_ATTACHMENTS
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages, Unreachable, UnsupportedMediaType
-from tests.discord.harness import TOKEN, RunningBot, bot_settings, image_parts, png_bytes
+from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import EPHEMERAL_FLAG, FakeDiscord, FakeUser
 
@@ -44,24 +43,8 @@ MAX_IMAGES = 2  # vision.max_images_per_message in the harness settings
 
 
 @dataclass
-class World:
-    fake: FakeDiscord
-    bot: RunningBot
-    guild_id: int
-    channels: dict[str, int]
+class World(GuildWorld):
     alice: FakeUser
-
-    def scope(self, channel: str, thread_id: int | None = None) -> ConversationScope:
-        return ConversationScope("discord", self.channels[channel], self.guild_id, thread_id)
-
-    async def stats(self, scope: ConversationScope) -> tuple[int, int]:
-        assert self.bot.service is not None
-        result = await self.bot.service.stats(scope)
-        return result.turns, result.images
-
-    def image(self, name: str) -> dict:
-        data = png_bytes()
-        return self.fake.attachment(self.fake.add_file(name, data, "image/png"), name, len(data), "image/png")
 
     async def ask(self, channel: str, text: str, **options: object) -> int:
         """Alice mentions the bot in `channel`; returns the question's id (the id of the thread it opens)."""
