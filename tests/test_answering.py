@@ -25,6 +25,7 @@ from bot.app import purge_periodically, running_service
 from bot.content import ConversationScope
 from bot.engine import EngineRequest
 from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
+from tests.engine.media_files import write_mp4
 from tests.tiny_settings import tiny_settings
 
 CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=10)
@@ -274,3 +275,18 @@ async def test_a_flooded_conversation_is_told_to_retry(
     assert "try again" in full.value.user_message
     await asyncio.gather(*waiting)
     assert (await loopback_service.stats(CHANNEL)).turns == 2
+
+
+async def test_a_video_is_answered_and_its_follow_up_still_sees_it(
+    service: AnswerService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    video = write_mp4(tmp_path / "clip.mp4")
+    spy = SubmittedMessages(service, monkeypatch)
+    first = await service.answer(Question(scope=CHANNEL, text="", local_files=(video,)))
+    await service.answer(Question(scope=CHANNEL, text="what happens next?"))
+    assert first.text
+    assert spy.seen[0][-1]["content"][-1] == {"type": "text", "text": "Describe this video."}
+    videos = [part for message in spy.seen[1] for part in message["content"] if part["type"] == "video"]
+    assert len(videos) == 1 and videos[0]["video"].endswith(".mp4")
+    stats = await service.stats(CHANNEL)
+    assert (stats.turns, stats.images, stats.videos) == (2, 0, 1)
