@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections import Counter
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -108,6 +109,8 @@ class AnswerService:
         self._engine = engine
         self._conversation_locks = _KeyedLocks()
         self._in_flight: set[tuple[str, int]] = set()
+        # sha256 → questions in flight holding that media file (a reset elsewhere must not delete it).
+        self._held_media: Counter[str] = Counter()
 
     async def answer(
         self,
@@ -151,15 +154,29 @@ class AnswerService:
             if waiting and on_queue_position is not None:
                 on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
-                user_message = _user_message(question, await downloads)
-                return await self._generate_and_record(
-                    question, conversation_id, user_message, on_text, on_queue_position
-                )
+                media = await downloads
+                with self._holding(media):
+                    return await self._generate_and_record(
+                        question, conversation_id, _user_message(question, media), on_text, on_queue_position
+                    )
         finally:
             if not downloads.done():
                 downloads.cancel()
             elif not downloads.cancelled():
                 downloads.exception()  # retrieved: a failure raised above is not reported twice
+
+    @contextmanager
+    def _holding(self, media: list[StoredMedia]) -> Iterator[None]:
+        """Mark `media` as used by a question in flight for the duration of the block."""
+        hashes = [item.sha256 for item in media]
+        self._held_media.update(hashes)
+        try:
+            yield
+        finally:
+            self._held_media.subtract(hashes)
+            for sha256 in hashes:
+                if self._held_media[sha256] <= 0:
+                    del self._held_media[sha256]
 
     async def _download(self, question: Question) -> list[StoredMedia]:
         """Every attachment of `question`, validated and stored; the first failure is raised."""
@@ -267,7 +284,7 @@ class AnswerService:
             conversation_id = await self._store.find_conversation(scope)
             if conversation_id is None:
                 return ForgetResult(messages_deleted=0, media_deleted=0)
-            return await self._store.forget(conversation_id)
+            return await self._store.forget(conversation_id, keep_files=frozenset(self._held_media))
 
     async def stats(self, scope: ConversationScope) -> ConversationStats:
         """How many turns and images the conversation of `scope` holds."""
@@ -282,7 +299,9 @@ class AnswerService:
 
     async def purge_expired(self) -> PurgeResult:
         """Delete turns older than the configured retention (if any) and media files nothing uses."""
-        return await self._store.purge_older_than(self._settings.history.retention)
+        return await self._store.purge_older_than(
+            self._settings.history.retention, keep_files=frozenset(self._held_media)
+        )
 
 
 def display_text(model_output: str) -> str:

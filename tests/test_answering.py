@@ -23,7 +23,7 @@ from bot.answering import (
 )
 from bot.app import purge_periodically, running_service
 from bot.content import ConversationScope
-from bot.engine import EngineRequest
+from bot.engine import EngineRequest, GenerationResult, RequestHandle
 from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
 from tests.engine.media_files import write_mp4
 from tests.tiny_settings import tiny_settings
@@ -290,3 +290,47 @@ async def test_a_video_is_answered_and_its_follow_up_still_sees_it(
     assert len(videos) == 1 and videos[0]["video"].endswith(".mp4")
     stats = await service.stats(CHANNEL)
     assert (stats.turns, stats.images, stats.videos) == (2, 0, 1)
+
+
+async def test_a_reset_elsewhere_keeps_the_files_of_questions_in_flight(
+    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
+    engine = service._engine
+    submit = engine.submit
+    submitted, release = asyncio.Event(), asyncio.Event()
+
+    class HeldHandle:
+        """The real request, whose result is handed over only once the test releases it."""
+
+        def __init__(self, handle: RequestHandle) -> None:
+            self._handle = handle
+
+        async def result(self) -> GenerationResult:
+            await release.wait()
+            return await self._handle.result()
+
+        def cancel(self) -> bool:
+            return self._handle.cancel()
+
+    def held_submit(request: EngineRequest) -> HeldHandle:
+        handle = HeldHandle(submit(request))
+        submitted.set()
+        return handle
+
+    monkeypatch.setattr(engine, "submit", held_submit)
+    # The same picture in another channel: its question is in flight when the first channel is reset.
+    in_flight = asyncio.create_task(
+        service.answer(Question(scope=OTHER_CHANNEL, text="and here?", local_files=(photo,)))
+    )
+    await submitted.wait()
+    forgotten = await service.reset(CHANNEL)
+    assert forgotten.messages_deleted == 2
+    release.set()
+    answer = await in_flight
+    assert answer.assistant_message_id is not None
+    stats = await service.stats(OTHER_CHANNEL)
+    assert (stats.turns, stats.images) == (1, 1)
+    window = await service._store.load_window(await service._store.find_conversation(OTHER_CHANNEL), 10)
+    (stored,) = window[0].media
+    assert stored.path.is_file()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -143,19 +143,27 @@ class ConversationStore:
             )
         )
 
-    async def forget(self, conversation_id: int) -> ForgetResult:
-        """Delete the conversation's messages, then media files nothing else uses; the scope stays usable."""
-        return await self._run(lambda store: store.forget(conversation_id))
+    async def forget(self, conversation_id: int, *, keep_files: Collection[str] = ()) -> ForgetResult:
+        """Delete the conversation's messages, then media files nothing else uses; the scope stays usable.
+
+        Files whose sha256 is in `keep_files` (held by questions in flight) stay on disk.
+        """
+        return await self._run(lambda store: store.forget(conversation_id, keep_files))
 
     async def purge_older_than(
-        self, days: int | None, *, orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE
+        self,
+        days: int | None,
+        *,
+        orphan_grace: timedelta = DEFAULT_ORPHAN_GRACE,
+        keep_files: Collection[str] = (),
     ) -> PurgeResult:
         """Delete turns older than `days` days (none when `days` is None) and media nothing uses anymore.
 
         Files under the media dir without a media row (stored for a question that then failed) go too, once
         their mtime is older than `orphan_grace`: a question in flight records its file well within it.
+        Files whose sha256 is in `keep_files` (held by questions in flight) stay on disk.
         """
-        return await self._run(lambda store: store.purge_older_than(days, orphan_grace))
+        return await self._run(lambda store: store.purge_older_than(days, orphan_grace, keep_files))
 
     async def stats(self, conversation_id: int) -> ConversationStats:
         """How many turns, images and videos the conversation holds."""

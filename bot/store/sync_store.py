@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import timedelta
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Delete, Engine, Update, delete, exists, func, insert, select, update
@@ -178,7 +178,7 @@ class SyncStore:
 
     # -- deletion ------------------------------------------------------------------------------------------
 
-    def forget(self, conversation_id: int) -> ForgetResult:
+    def forget(self, conversation_id: int, keep_files: Collection[str] = ()) -> ForgetResult:
         with self._sessions.begin() as session:
             message_ids = select(Message.id).where(Message.conversation_id == conversation_id)
             used = set(
@@ -190,10 +190,12 @@ class SyncStore:
             session.execute(
                 update(Conversation).where(Conversation.id == conversation_id).values(updated_at=utcnow())
             )
-        self._unlink(paths)
+        self._unlink(paths, keep_files)
         return ForgetResult(messages_deleted=deleted, media_deleted=len(paths))
 
-    def purge_older_than(self, days: int | None, orphan_grace: timedelta) -> PurgeResult:
+    def purge_older_than(
+        self, days: int | None, orphan_grace: timedelta, keep_files: Collection[str] = ()
+    ) -> PurgeResult:
         deleted = 0
         with self._sessions.begin() as session:
             if days is not None:
@@ -202,7 +204,7 @@ class SyncStore:
                 session.execute(delete(MessageMedia).where(MessageMedia.message_id.in_(old_ids)))
                 deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
             paths = _delete_orphan_media(session, None)
-        self._unlink(paths)
+        self._unlink(paths, keep_files)
         orphans = sweep_orphan_files(self._media_root, self._referenced_paths, orphan_grace)
         return PurgeResult(messages_deleted=deleted, media_deleted=len(paths), orphan_files_deleted=orphans)
 
@@ -301,9 +303,15 @@ class SyncStore:
                 )
         return used
 
-    def _unlink(self, relative_paths: Iterable[str]) -> None:
-        """Delete files whose rows are gone (after the commit: a failed transaction never loses a file)."""
+    def _unlink(self, relative_paths: Iterable[str], keep_files: Collection[str]) -> None:
+        """Delete files whose rows are gone (after the commit: a failed transaction never loses a file).
+
+        Files whose sha256 is in `keep_files` stay: a question in flight holds them and will record them
+        again; should it fail instead, the orphan sweep removes them later.
+        """
         for relative_path in relative_paths:
+            if PurePosixPath(relative_path).stem in keep_files:
+                continue
             try:
                 (self._media_dir / relative_path).unlink(missing_ok=True)
             except OSError as exc:
