@@ -16,7 +16,7 @@ from bot.answering import AnswerService, Question
 from bot.discord.access import AccessPolicy
 from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
 from bot.discord.replies import ChannelTarget
-from bot.discord.triggers import attachment_refs, guild_id_of, scope_of, strip_mention
+from bot.discord.triggers import attachment_refs, bot_role_id, guild_id_of, scope_of, strip_mention
 from bot.errors import InputError
 from bot.settings import DiscordSettings
 
@@ -66,7 +66,12 @@ class MessageHandler:
         ):
             return
         self._warn_if_content_missing(message)
-        mentioned = me.id in message.raw_mentions or any(user.id == me.id for user in message.mentions)
+        role_id = bot_role_id(message)
+        mentioned = (
+            me.id in message.raw_mentions
+            or any(user.id == me.id for user in message.mentions)
+            or (role_id is not None and role_id in message.raw_role_mentions)  # "@Bot" picked as the role
+        )
         referenced = await self._referenced_message(message)
         scope = scope_of(channel, guild_id, message.channel.id)
         in_bot_thread = (
@@ -86,7 +91,7 @@ class MessageHandler:
         attachments = message.attachments or (referenced.attachments if referenced is not None else [])
         question = Question(
             scope=scope,
-            text=strip_mention(message.content, me.id),
+            text=strip_mention(message.content, me.id, role_id),
             attachments=attachment_refs(attachments),
             discord_message_id=message.id,
             thread_origin=None if in_bot_thread else await thread_origin(self._service, scope),
@@ -161,7 +166,8 @@ class MessageHandler:
         """The thread started from `message`: a new one, or the one an earlier delivery of it opened."""
         if message.thread is not None:
             return message.thread
-        name = strip_mention(message.content, self._client.user.id if self._client.user else 0)
+        me = self._client.user.id if self._client.user else 0
+        name = strip_mention(message.content, me, bot_role_id(message))
         try:
             return await message.create_thread(name=(name or "Question")[:THREAD_NAME_LENGTH])
         except discord.HTTPException as exc:

@@ -39,9 +39,17 @@ def parent_scope(scope: ConversationScope) -> ConversationScope:
     return dataclasses.replace(scope, thread_id=None)
 
 
-def strip_mention(text: str, user_id: int) -> str:
-    """`text` without mentions of `user_id` (both `<@id>` and the legacy nickname form `<@!id>`)."""
+def strip_mention(text: str, user_id: int, role_id: int | None = None) -> str:
+    """`text` without mentions of `user_id` (`<@id>`, legacy `<@!id>`) and of its managed role `role_id`."""
+    if role_id is not None:
+        text = re.sub(rf"<@&{role_id}>", " ", text)
     return re.sub(rf"<@!?{user_id}>", " ", text).strip()
+
+
+def bot_role_id(message: discord.Message) -> int | None:
+    """The id of the role Discord manages for this bot in the message's guild, if known."""
+    role = message.guild.self_role if message.guild is not None else None
+    return role.id if role is not None else None
 
 
 def attachment_refs(attachments: list[discord.Attachment]) -> tuple[AttachmentRef, ...]:

@@ -25,7 +25,7 @@ from tests.fakediscord.server import FakeDiscord, FakeUser, RecordedRequest
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SAFE_MENTIONS = {"parse": [], "replied_user": True}
-CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted", "forwards"]
+CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted", "forwards", "roles"]
 
 
 @dataclass
@@ -355,3 +355,16 @@ async def test_a_slash_command_where_the_user_is_not_allowed_is_refused(world: W
 async def test_the_token_never_appears_in_logs(world: World) -> None:
     assert world.bot.log.lines, "the bot logged while running"
     assert not [line for line in world.bot.log.lines if TOKEN in line]
+
+
+async def test_mentioning_the_bots_managed_role_counts_as_a_mention(world: World) -> None:
+    fake, channel = world.fake, world.channels["roles"]
+    known = len(world.bot.replies)
+    role_id = fake.bot_role_ids[world.guild_id]
+    await fake.send_message(
+        channel, world.alice, f"<@&{role_id}> what is this?", attachments=[world.image("r.png")]
+    )
+    await world.bot.wait_reply(channel, after=known)
+    assert await world.stats(world.scope("roles")) == (1, 1)
+    question = world.bot.prompts[-1][-1]["content"][-1]
+    assert question == {"type": "text", "text": "what is this?"}

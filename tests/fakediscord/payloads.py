@@ -54,18 +54,22 @@ def member(roles: list[int], *, with_user: Json | None = None) -> Json:
     return data
 
 
-def role(role_id: int, name: str, *, position: int = 1) -> Json:
-    return {
+def role(role_id: int, name: str, *, position: int = 1, bot_id: int | None = None) -> Json:
+    """A guild role; with `bot_id`, the role Discord manages for that bot (its integration role)."""
+    data: Json = {
         "id": str(role_id),
         "name": name,
         "permissions": ALL_PERMISSIONS,
         "position": position,
         "color": 0,
         "hoist": False,
-        "managed": False,
+        "managed": bot_id is not None,
         "mentionable": True,
         "flags": 0,
     }
+    if bot_id is not None:
+        data["tags"] = {"bot_id": str(bot_id)}
+    return data
 
 
 def text_channel(channel_id: int, guild_id: int, name: str) -> Json:
@@ -161,6 +165,7 @@ def message(
     guild_id: int | None = None,
     author_member: Json | None = None,
     mentions: list[Json] | None = None,
+    mention_roles: list[int] | None = None,
     attachments: list[Json] | None = None,
     reference: Json | None = None,
     referenced_message: Json | None = None,
@@ -176,7 +181,7 @@ def message(
         "tts": False,
         "mention_everyone": False,
         "mentions": mentions or [],
-        "mention_roles": [],
+        "mention_roles": [str(role_id) for role_id in mention_roles or []],
         "attachments": attachments or [],
         "embeds": [],
         "pinned": False,

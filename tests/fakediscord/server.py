@@ -100,6 +100,7 @@ class FakeDiscord:
         self._users: dict[int, FakeUser] = {}
         self._channels: dict[int, Json] = {}
         self._files: dict[str, tuple[bytes, str]] = {}
+        self.bot_role_ids: dict[int, int] = {}  # guild id -> the bot's managed role there
         self._file_delays: dict[str, float] = {}
         self._interactions: dict[str, _Interaction] = {}
         self._sockets: list[web.WebSocketResponse] = []
@@ -175,10 +176,13 @@ class FakeDiscord:
         ]
         for channel in channels:
             self._channels[int(channel["id"])] = channel
-        me = payloads.member([], with_user=self.bot.payload)
+        bot_role_id = snowflake()
+        self.bot_role_ids[guild_id] = bot_role_id
+        me = payloads.member([bot_role_id], with_user=self.bot.payload)
         roles = [
             payloads.role(role_id, role_name) for role_id, role_name in zip(role_ids, role_names, strict=True)
         ]
+        roles.append(payloads.role(bot_role_id, self.bot.name, bot_id=self.bot.id))
         self._guilds[guild_id] = payloads.guild(
             guild_id, name, self.owner.id, roles=roles, channels=channels, me=me
         )
@@ -234,6 +238,7 @@ class FakeDiscord:
         mentioned = [
             user for user in (self.bot,) if f"<@{user.id}>" in content or f"<@!{user.id}>" in content
         ]
+        roles = [role_id for role_id in self.bot_role_ids.values() if f"<@&{role_id}>" in content]
         reference = referenced = None
         if reply_to is not None:
             referenced = self.messages[reply_to]
@@ -248,6 +253,7 @@ class FakeDiscord:
             guild_id=guild_id,
             author_member=payloads.member(author.role_ids) if guild_id is not None else None,
             mentions=[user.payload for user in mentioned],
+            mention_roles=roles,
             attachments=attachments,
             reference=reference,
             referenced_message=referenced,
