@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -149,41 +149,51 @@ class AnswerService:
             raise QueueFull(f"{waiting} questions already wait in {key}")
         # The downloads start now but are awaited only once this question has its turn in the conversation,
         # so a question whose images download slowly is never overtaken by a later one.
-        downloads = asyncio.ensure_future(self._download(question))
+        held: list[str] = []
+        downloads = asyncio.ensure_future(self._download(question, held))
         try:
             if waiting and on_queue_position is not None:
                 on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
                 media = await downloads
-                with self._holding(media):
-                    return await self._generate_and_record(
-                        question, conversation_id, _user_message(question, media), on_text, on_queue_position
-                    )
+                return await self._generate_and_record(
+                    question, conversation_id, _user_message(question, media), on_text, on_queue_position
+                )
         finally:
             if not downloads.done():
                 downloads.cancel()
             elif not downloads.cancelled():
                 downloads.exception()  # retrieved: a failure raised above is not reported twice
+            self._release(held)
 
-    @contextmanager
-    def _holding(self, media: list[StoredMedia]) -> Iterator[None]:
-        """Mark `media` as used by a question in flight for the duration of the block."""
-        hashes = [item.sha256 for item in media]
-        self._held_media.update(hashes)
-        try:
-            yield
-        finally:
-            self._held_media.subtract(hashes)
-            for sha256 in hashes:
-                if self._held_media[sha256] <= 0:
-                    del self._held_media[sha256]
+    async def _hold(self, stored: Awaitable[StoredMedia], held: list[str]) -> StoredMedia:
+        """`stored`'s media, marked as used by a question in flight (see `_release`) as soon as it is stored.
 
-    async def _download(self, question: Question) -> list[StoredMedia]:
-        """Every attachment of `question`, validated and stored; the first failure is raised."""
+        From then until the question ends, a reset or purge elsewhere leaves its file on disk, also while the
+        question still waits for its turn in the conversation.
+        """
+        media = await stored
+        self._held_media[media.sha256] += 1
+        held.append(media.sha256)
+        return media
+
+    def _release(self, held: list[str]) -> None:
+        """Undo `_hold` for the hashes in `held`."""
+        self._held_media.subtract(held)
+        for sha256 in held:
+            if self._held_media[sha256] <= 0:
+                del self._held_media[sha256]
+        held.clear()
+
+    async def _download(self, question: Question, held: list[str]) -> list[StoredMedia]:
+        """Every attachment of `question`, stored and held (see `_hold`); the first failure is raised."""
         # Every download runs to its end (none is left unobserved); the first failure is the one reported.
         outcomes = await asyncio.gather(
-            *(self._media.store_file(path) for path in question.local_files),
-            *(self._media.fetch(ref.url, announced_size=ref.size) for ref in question.attachments),
+            *(self._hold(self._media.store_file(path), held) for path in question.local_files),
+            *(
+                self._hold(self._media.fetch(ref.url, announced_size=ref.size), held)
+                for ref in question.attachments
+            ),
             return_exceptions=True,
         )
         for outcome in outcomes:

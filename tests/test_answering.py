@@ -334,3 +334,32 @@ async def test_a_reset_elsewhere_keeps_the_files_of_questions_in_flight(
     window = await service._store.load_window(await service._store.find_conversation(OTHER_CHANNEL), 10)
     (stored,) = window[0].media
     assert stored.path.is_file()
+
+
+async def test_a_reset_elsewhere_keeps_the_files_of_questions_waiting_for_their_turn(
+    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
+    store_file = service._media.store_file
+    stored = asyncio.Event()
+
+    async def signalling_store_file(path: Path):
+        media = await store_file(path)
+        stored.set()
+        return media
+
+    monkeypatch.setattr(service._media, "store_file", signalling_store_file)
+    # An answer in progress in the other channel: the next question there has its picture downloaded (the
+    # first channel's file, reused) but waits for its turn while the first channel is reset.
+    async with service._conversation_locks.hold(OTHER_CHANNEL.key):
+        waiting = asyncio.create_task(
+            service.answer(Question(scope=OTHER_CHANNEL, text="and here?", local_files=(photo,)))
+        )
+        await stored.wait()
+        forgotten = await service.reset(CHANNEL)
+        assert forgotten.messages_deleted == 2
+    answer = await waiting
+    assert answer.assistant_message_id is not None
+    window = await service._store.load_window(await service._store.find_conversation(OTHER_CHANNEL), 10)
+    (kept,) = window[0].media
+    assert kept.path.is_file()
