@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,8 +45,9 @@ class MediaServer:
         return self.requests.count(path)
 
 
-@pytest.fixture
-async def media_server() -> AsyncIterator[MediaServer]:
+@asynccontextmanager
+async def running_media_server(ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[MediaServer]:
+    """A `MediaServer` on an ephemeral port of 127.0.0.1 (https when given an SSL context)."""
     server: MediaServer | None = None
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
@@ -60,15 +63,20 @@ async def media_server() -> AsyncIterator[MediaServer]:
     app.router.add_route("GET", "/{tail:.*}", dispatch)
     runner = web.AppRunner(app, shutdown_timeout=0.5)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
+    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context).start()
     host, port = runner.addresses[0][:2]
-    server = MediaServer(base_url=f"http://{host}:{port}")
+    server = MediaServer(base_url=f"{'https' if ssl_context else 'http'}://{host}:{port}")
     try:
         yield server
     finally:
         server.release.set()  # lets handlers that wait on purpose (slow hosts) finish
         await runner.cleanup()
+
+
+@pytest.fixture
+async def media_server() -> AsyncIterator[MediaServer]:
+    async with running_media_server() as server:
+        yield server
 
 
 @pytest.fixture

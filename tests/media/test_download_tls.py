@@ -21,7 +21,7 @@ from bot.errors import HostNotAllowed
 from bot.media import MediaFetcher
 from bot.media.download import INSECURE_REDIRECT_MESSAGE, check_redirect
 from bot.settings import MediaSettings
-from tests.media.conftest import MediaServer
+from tests.media.conftest import MediaServer, running_media_server
 from tests.media.factories import encode, two_colour_image
 
 PNG_BYTES = encode(two_colour_image(), "PNG")
@@ -67,27 +67,8 @@ async def tls_server(certificate: tuple[Path, Path]) -> AsyncIterator[MediaServe
     """A loopback https server whose routes the test sets."""
     server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     server_context.load_cert_chain(*certificate)
-    server: MediaServer | None = None
-
-    async def dispatch(request: web.Request) -> web.StreamResponse:
-        assert server is not None
-        server.requests.append(request.path)
-        handler = server.handlers.get(request.path)
-        if handler is None:
-            raise web.HTTPNotFound()
-        return await handler(request)
-
-    app = web.Application()
-    app.router.add_route("GET", "/{tail:.*}", dispatch)
-    runner = web.AppRunner(app, shutdown_timeout=0.5)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=server_context).start()
-    host, port = runner.addresses[0][:2]
-    server = MediaServer(base_url=f"https://{host}:{port}")
-    try:
+    async with running_media_server(server_context) as server:
         yield server
-    finally:
-        await runner.cleanup()
 
 
 @pytest.fixture
