@@ -13,27 +13,11 @@ import pytest
 from PIL import Image
 
 from bot.__main__ import main
+from tests.tiny_settings import write_tiny_config
 
 
-def _config(tmp_path: Path, model_dir: Path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(
-        f"""
-[model]
-name_or_path = "{model_dir.as_posix()}"
-device_map = "cpu"
-dtype = "float32"
-local_files_only = true
-
-[generation]
-max_new_tokens = 5
-do_sample = false
-
-[storage]
-data_dir = "{(tmp_path / "data").as_posix()}"
-"""
-    )
-    return path
+def _config(tmp_path: Path, model_dir: Path, **sections: dict) -> Path:
+    return write_tiny_config(tmp_path / "config.toml", model_dir, tmp_path / "data", **sections)
 
 
 def test_help_lists_the_subcommands() -> None:
@@ -117,8 +101,7 @@ def test_a_data_dir_that_cannot_be_created_is_a_config_error(
 def test_db_purge_sweeps_orphaned_files_even_when_turns_are_kept_forever(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = _config(tmp_path, tiny_model_dir)
-    config.write_text(config.read_text() + "\n[history]\nretention_days = 0\n")
+    config = _config(tmp_path, tiny_model_dir, history={"retention_days": 0})
     assert main(["--config", str(config), "db", "upgrade"]) == 0
     orphan = tmp_path / "data" / "media" / "ab" / f"{'ab' * 32}.png"
     orphan.parent.mkdir(parents=True)

@@ -1,14 +1,19 @@
-"""Settings for tests that run the whole service: the tiny model on CPU, greedy and short, small images."""
+"""Settings for tests that run the whole service: the tiny model on CPU, greedy and short, small images.
+
+`tiny_settings` gives them as a validated `Settings`; `write_tiny_config` writes the same document as a TOML
+file, for tests that start the bot the way users do (`python -m bot --config FILE ...`).
+"""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 from bot.settings import Settings, parse_settings
 
 
-def tiny_settings(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> Settings:
+def tiny_config(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """The tiny model at `model_dir`, storage in `data_dir`; each keyword adds to (or overrides) a section."""
     document: dict[str, dict[str, Any]] = {
         "model": {
@@ -24,4 +29,20 @@ def tiny_settings(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -
     }
     for name, values in sections.items():
         document[name] = {**document.get(name, {}), **values}
-    return parse_settings(document)
+    return document
+
+
+def tiny_settings(model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> Settings:
+    """`tiny_config` validated as `Settings`."""
+    return parse_settings(tiny_config(model_dir, data_dir, **sections))
+
+
+def write_tiny_config(path: Path, model_dir: Path, data_dir: Path, **sections: dict[str, Any]) -> Path:
+    """`tiny_config` written to `path` as TOML (values: strings, numbers, booleans, lists of those)."""
+    lines: list[str] = []
+    for name, values in tiny_config(model_dir, data_dir, **sections).items():
+        lines.append(f"[{name}]")
+        lines += [f"{key} = {json.dumps(value)}" for key, value in values.items()]
+        lines.append("")
+    path.write_text("\n".join(lines))
+    return path

@@ -15,35 +15,9 @@ from pathlib import Path
 from bot.errors import EngineStopped
 from tests.discord.harness import TOKEN, png_bytes
 from tests.fakediscord.server import FakeDiscord
+from tests.tiny_settings import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def _config(path: Path, fake: FakeDiscord, model_dir: Path, data_dir: Path) -> Path:
-    path.write_text(
-        f"""
-[discord]
-api_base_url = "{fake.api_base_url}"
-stream_edit_interval_seconds = 1.0
-
-[model]
-name_or_path = "{model_dir.as_posix()}"
-device_map = "cpu"
-dtype = "float32"
-local_files_only = true
-
-[generation]
-max_new_tokens = 6
-do_sample = false
-
-[storage]
-data_dir = "{data_dir.as_posix()}"
-
-[media]
-allowed_hosts = ["127.0.0.1"]
-"""
-    )
-    return path
 
 
 def _replies_to(message: dict, question: dict) -> bool:
@@ -56,7 +30,13 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
     guild_id, (channel,), _ = fake.add_guild("Guild", ["general"], ())
     alice = fake.add_user("alice")
     await fake.start()
-    config = _config(tmp_path / "config.toml", fake, tiny_model_dir, tmp_path / "data")
+    config = write_tiny_config(
+        tmp_path / "config.toml",
+        tiny_model_dir,
+        tmp_path / "data",
+        discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
+        media={"allowed_hosts": ["127.0.0.1"]},
+    )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
