@@ -18,7 +18,7 @@ from pathlib import Path
 
 from bot.content import ChatMessage, ConversationScope, MediaPart, StoredMedia, TextPart
 from bot.conversation import build_messages
-from bot.engine import EngineRequest, InferenceEngine
+from bot.engine import Engine, EngineRequest
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages
 from bot.media import MediaFetcher
 from bot.settings import Settings
@@ -101,7 +101,7 @@ class AnswerService:
     """Answers questions in conversations; owns no resources, only wires store, media and engine."""
 
     def __init__(
-        self, settings: Settings, store: ConversationStore, media: MediaFetcher, engine: InferenceEngine
+        self, settings: Settings, store: ConversationStore, media: MediaFetcher, engine: Engine
     ) -> None:
         self._settings = settings
         self._store = store
@@ -245,7 +245,7 @@ class AnswerService:
             "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
             key,
             result.prompt_tokens,
-            len(result.token_ids),
+            result.completion_tokens,
             result.queue_seconds,
             result.generate_seconds,
         )

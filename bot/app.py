@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bot.answering import AnswerService
-from bot.engine import InferenceEngine
+from bot.engine import create_engine
 from bot.errors import BotError, ConfigError
 from bot.media import MediaFetcher
 from bot.settings import Settings, StorageSettings
@@ -60,15 +60,19 @@ async def purge_periodically(service: AnswerService, interval: float = PURGE_INT
 
 @asynccontextmanager
 async def running_service(settings: Settings) -> AsyncIterator[AnswerService]:
-    """Migrate the database, open the store, the media fetcher and the engine; close them all on exit."""
+    """Migrate the database, open the store, the media fetcher and the engine (the in-process model or an
+    inference server, as `engine.backend` says); close them all on exit."""
     log.info("applying database migrations")
     await asyncio.to_thread(migrate, settings.storage)
     async with (
         make_store(settings.storage) as store,
         MediaFetcher(settings.media, settings.storage.resolved_media_dir) as media,
     ):
-        engine = InferenceEngine(settings)
-        log.info("loading model %s", settings.model.name_or_path)
+        engine = create_engine(settings)
+        if settings.engine.backend == "server":
+            log.info("checking the inference server at %s", settings.server.base_url)
+        else:
+            log.info("loading model %s", settings.model.name_or_path)
         await engine.start()
         try:
             yield AnswerService(settings, store, media, engine)

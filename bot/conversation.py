@@ -14,11 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.content import ChatMessage, MediaPart, StoredMedia, TextPart
+from bot.engine.budget import MESSAGE_OVERHEAD_TOKENS, image_tokens, video_tokens
 from bot.settings import GenerationSettings, HistorySettings, VisionSettings
-
-PATCH_PIXELS = 28 * 28  # one Qwen2.5-VL visual token covers a 28x28 patch after merging
-MESSAGE_OVERHEAD_TOKENS = 5  # <|im_start|>role\n … <|im_end|>\n
-MEDIA_OVERHEAD_TOKENS = 2  # <|vision_start|> … <|vision_end|>
 
 TextTokenCounter = Callable[[str], int]
 
@@ -26,11 +23,9 @@ TextTokenCounter = Callable[[str], int]
 def estimate_media_tokens(media: StoredMedia, vision: VisionSettings) -> int:
     """Visual tokens one image or video costs after resizing into the configured pixel range."""
     if media.kind == "video":
-        per_frame = min(max(media.width * media.height, vision.min_pixels), vision.video_max_pixels)
-        frames = vision.video_max_frames // 2  # two frames merge into one temporal patch
-        return frames * per_frame // PATCH_PIXELS + MEDIA_OVERHEAD_TOKENS
-    pixels = min(max(media.width * media.height, vision.min_pixels), vision.max_pixels)
-    return pixels // PATCH_PIXELS + MEDIA_OVERHEAD_TOKENS
+        frame_pixels = min(max(media.width * media.height, vision.min_pixels), vision.video_max_pixels)
+        return video_tokens(frame_pixels, vision)
+    return image_tokens(min(max(media.width * media.height, vision.min_pixels), vision.max_pixels))
 
 
 def _media_part(media: StoredMedia, vision: VisionSettings) -> dict[str, object]:

@@ -18,7 +18,14 @@ BotError                      base; `user_message` is safe to show on Discord
 │   ├── QueueFull             too many questions waiting
 │   ├── OutOfMemory           the GPU ran out of memory even after a retry with fewer pixels
 │   ├── EngineStopped         the engine is shutting down
-│   └── GenerationFailed      any other failure inside `generate`
+│   ├── GenerationFailed      any other failure inside `generate`
+│   ├── VideoNotSupported     the inference server takes no videos
+│   └── ServerError           the inference server failed (server backend only)
+│       ├── ServerUnavailable    unreachable, refusing connections, or 5xx/429 past the retry deadline
+│       ├── ServerTimeout        no first token, or no end of the answer, in time
+│       ├── ContextTooLong       the server says the prompt exceeds the model's context
+│       ├── ServerRejected       any other 4xx (bad key, unknown model, invalid request)
+│       └── AnswerIncomplete     the stream broke after some text was shown; carries that text
 └── StoreError                the database failed
 """
 
@@ -130,6 +137,52 @@ class EngineStopped(EngineError):
 
 class GenerationFailed(EngineError):
     user_message = "The model failed while answering. Please try again; if it keeps failing, try /reset."
+
+
+class VideoNotSupported(EngineError):
+    user_message = (
+        "The model server I use doesn't take videos. Please send an image (a screenshot works) instead."
+    )
+
+
+class ServerError(EngineError):
+    """The inference server failed."""
+
+
+class ServerUnavailable(ServerError):
+    user_message = "I can't reach my model server right now. Please try again in a few minutes."
+
+
+class ServerTimeout(ServerError):
+    user_message = "My model server is taking too long to answer. Please try again in a moment."
+
+
+class ContextTooLong(ServerError):
+    user_message = (
+        "This conversation is now too long for the model. Use /reset to start fresh, "
+        "or ask with fewer images."
+    )
+
+
+class ServerRejected(ServerError):
+    user_message = (
+        "My model server refused this question. Please try rephrasing it; if it keeps happening, tell the "
+        "bot's admin."
+    )
+
+
+class AnswerIncomplete(ServerError):
+    """The stream broke midway; the user sees the text so far, marked incomplete, and nothing is stored."""
+
+    note = (
+        "⚠️ *This answer is incomplete: my model server stopped in the middle, so I didn't save it. "
+        "Please ask again.*"
+    )
+
+    def __init__(self, detail: str = "", *, partial_text: str) -> None:
+        shown = f"{partial_text.rstrip()}\n\n{self.note}" if partial_text.strip() else self.note
+        super().__init__(detail, user_message=shown)
+        self.partial_text = partial_text
 
 
 class StoreError(BotError):

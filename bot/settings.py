@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
@@ -134,8 +134,9 @@ class MediaSettings(_Section):
 
 
 class EngineSettings(_Section):
-    """The inference worker: queue, batching and caches."""
+    """Which backend answers, and its queue; batching and caches apply to the in-process engine."""
 
+    backend: Literal["local", "server"] = "local"
     max_queue_size: int = Field(default=32, ge=1)
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_tokens: int = Field(default=32768, ge=256)
@@ -143,6 +144,26 @@ class EngineSettings(_Section):
     vision_cache_mb: int = Field(default=256, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float = Field(default=600.0, gt=0)
+
+
+class ServerSettings(_Section):
+    """An OpenAI-compatible inference server used when `engine.backend = "server"`."""
+
+    base_url: str = "http://127.0.0.1:8000/v1"
+    model: str = "Qwen/Qwen2.5-VL-3B-Instruct"
+    api_key_env: str = "INFERENCE_API_KEY"  # the environment variable holding the key; unset: no key
+    max_in_flight: int = Field(default=8, ge=1)
+    connect_timeout_seconds: float = Field(default=3.0, gt=0)
+    first_token_timeout_seconds: float = Field(default=120.0, gt=0)
+    answer_timeout_seconds: float = Field(default=300.0, gt=0)
+    retry_deadline_seconds: float = Field(default=20.0, ge=0)
+    accepts_video: bool = False
+    extra_body: dict[str, Any] = Field(default_factory=dict)
+
+    def api_key(self) -> SecretStr | None:
+        """The key from the environment variable `api_key_env`, or None when it is unset or empty."""
+        value = os.environ.get(self.api_key_env, "").strip() if self.api_key_env else ""
+        return SecretStr(value) if value else None
 
 
 class Settings(_Section):
@@ -156,6 +177,7 @@ class Settings(_Section):
     storage: StorageSettings = Field(default_factory=StorageSettings)
     media: MediaSettings = Field(default_factory=MediaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    server: ServerSettings = Field(default_factory=ServerSettings)
 
     @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:

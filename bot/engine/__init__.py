@@ -1,5 +1,27 @@
-"""The only package that imports torch: model loading, the batch pipeline and the inference worker."""
+"""Inference backends behind one protocol (`bot.engine.api`); only `bot.engine.worker` and what it
+loads import torch, and only when the in-process engine is chosen."""
 
-from bot.engine.worker import EngineRequest, EngineStats, GenerationResult, InferenceEngine, RequestHandle
+from bot.engine.api import Engine, EngineRequest, EngineStats, GenerationResult, RequestHandle, generate
+from bot.settings import Settings
 
-__all__ = ["EngineRequest", "EngineStats", "GenerationResult", "InferenceEngine", "RequestHandle"]
+
+def create_engine(settings: Settings) -> Engine:
+    """The backend `settings.engine.backend` names (not yet started); imports torch only for `local`."""
+    if settings.engine.backend == "server":
+        from bot.engine.server import ServerEngine
+
+        return ServerEngine(settings)
+    from bot.engine.worker import InferenceEngine
+
+    return InferenceEngine(settings)
+
+
+__all__ = [
+    "Engine",
+    "EngineRequest",
+    "EngineStats",
+    "GenerationResult",
+    "RequestHandle",
+    "create_engine",
+    "generate",
+]

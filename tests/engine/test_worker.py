@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from bot.engine import EngineRequest, GenerationResult, generate
 from bot.engine.loader import load_model
 from bot.engine.pipeline import Pipeline, PipelineOutput, PipelineRequest
-from bot.engine.worker import EngineRequest, GenerationResult, InferenceEngine, estimate_prompt_tokens
+from bot.engine.worker import InferenceEngine
 from bot.errors import EngineStopped, GenerationFailed, ModelLoadError, OutOfMemory, QueueFull
-from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings, VisionSettings
+from bot.settings import EngineSettings, GenerationSettings, ModelSettings, Settings
 
 # Batching tests set max_batch_size to the number of requests they submit at once: the worker then starts
 # as soon as all are queued, and this wait only guards against a slow test machine.
@@ -139,7 +140,7 @@ def assert_same(result: GenerationResult, expected: PipelineOutput) -> None:
 
 async def test_answer_equals_the_pipeline_run_directly(tiny_model_dir: Path, reference) -> None:
     async with running(make_settings(tiny_model_dir)) as engine:
-        result = await engine.generate(ask(QUESTIONS[0]), conversation_key="c0")
+        result = await generate(engine, ask(QUESTIONS[0]), conversation_key="c0")
 
     assert_same(result, reference(QUESTIONS[0]))
     assert result.token_ids, "the tiny model answers with at least one token"
@@ -227,7 +228,7 @@ async def test_queue_full_is_raised_at_once_and_memory_stays_bounded(
         assert engine.stats.queued == 2
         spy.gate.set()
         await asyncio.gather(slow.result(), *(handle.result() for handle in queued))
-        after = await engine.generate(ask("room again"), conversation_key="later")
+        after = await generate(engine, ask("room again"), conversation_key="later")
 
     assert after.token_ids
 
@@ -269,7 +270,7 @@ async def test_streamed_deltas_add_up_to_the_answer_on_the_loop_thread(tiny_mode
         threads.add(threading.get_ident())
 
     async with running(make_settings(tiny_model_dir)) as engine:
-        result = await engine.generate(ask(QUESTIONS[1]), conversation_key="s", on_text=on_text)
+        result = await generate(engine, ask(QUESTIONS[1]), conversation_key="s", on_text=on_text)
 
     assert "".join(deltas) == result.text
     assert len(deltas) >= 2
@@ -302,7 +303,7 @@ async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
     monkeypatch.setattr(Pipeline, "run_batch", run_batch)
     deltas: list[str] = []
     async with running(make_settings(tiny_model_dir)) as engine:
-        result = await engine.generate(ask(QUESTIONS[5]), conversation_key="s", on_text=deltas.append)
+        result = await generate(engine, ask(QUESTIONS[5]), conversation_key="s", on_text=deltas.append)
 
     assert scales == [1.0, 0.5]
     assert "".join(deltas) == result.text
@@ -328,7 +329,7 @@ async def test_a_failing_request_fails_alone_and_the_worker_keeps_serving(
         results = await asyncio.gather(*(handle.result() for handle in good))
         with pytest.raises(GenerationFailed) as failure:
             await bad.result()
-        later = await engine.generate(ask(QUESTIONS[2]), conversation_key="later")
+        later = await generate(engine, ask(QUESTIONS[2]), conversation_key="later")
         stats = engine.stats
 
     assert failure.value.__cause__ is not None
@@ -352,7 +353,7 @@ async def test_a_failed_request_logs_its_cause_with_the_traceback(
     )
     async with running(make_settings(tiny_model_dir)) as engine:
         with caplog.at_level(logging.WARNING, logger="bot.engine"), pytest.raises(GenerationFailed):
-            await engine.generate(ask("bad"), conversation_key="bad")
+            await generate(engine, ask("bad"), conversation_key="bad")
 
     [record] = [record for record in caplog.records if record.getMessage().startswith("a request failed")]
     assert "processor refused the prompt" in record.getMessage()
@@ -392,7 +393,7 @@ async def test_persistent_out_of_memory_fails_only_that_request(
         with pytest.raises(OutOfMemory) as failure:
             await huge.result()
         result = await fine.result()
-        again = await engine.generate(ask(QUESTIONS[4]), conversation_key="after")
+        again = await generate(engine, ask(QUESTIONS[4]), conversation_key="after")
 
     assert isinstance(failure.value.__cause__, RuntimeError)
     assert spy.calls[:3] == [(["huge", QUESTIONS[3]], 1.0), (["huge"], 0.5), ([QUESTIONS[3]], 0.5)]
@@ -433,7 +434,7 @@ async def test_request_timeout_fails_the_request(tiny_model_dir: Path, spy: Pipe
         with pytest.raises(GenerationFailed, match="timed out"):
             await slow.result()
         spy.gate.set()
-        after = await engine.generate(ask("after"), conversation_key="after")
+        after = await generate(engine, ask("after"), conversation_key="after")
 
     assert after.token_ids
 
@@ -501,14 +502,3 @@ async def test_batches_stay_within_the_token_budget(tiny_model_dir: Path, spy: P
         await asyncio.gather(*(handle.result() for handle in handles))
 
     assert [calls for calls, _ in spy.calls] == [questions[:2], questions[2:]]
-
-
-def test_prompt_estimate_counts_text_and_image_budgets() -> None:
-    vision = VisionSettings()
-    image = [
-        {"role": "user", "content": [{"type": "image", "image": "x.png"}, {"type": "text", "text": "hi"}]}
-    ]
-
-    assert estimate_prompt_tokens(ask("x" * 300), vision) == 300 // 3 + 8
-    assert estimate_prompt_tokens(image, vision) == vision.max_pixels // (28 * 28) + 8
-    assert estimate_prompt_tokens([{"role": "user", "content": "abcdef"}], vision) == 2 + 8
