@@ -251,7 +251,12 @@ class ServerEngine(EngineFrontEnd):
 
     def _request_body(self, messages: list[dict[str, object]], kwargs: dict[str, object]) -> dict[str, Any]:
         """The chat completion request: the generate options in OpenAI's names, then `server.extra_body`."""
-        body: dict[str, Any] = {"model": self._server.model, "messages": messages, "stream": True}
+        body: dict[str, Any] = {
+            "model": self._server.model,
+            "messages": messages,
+            "stream": True,
+            "stream_options": {"include_usage": True},  # vLLM sends token counts only when asked
+        }
         extra: dict[str, Any] = {}
         if "max_new_tokens" in kwargs:
             body["max_tokens"] = kwargs["max_new_tokens"]
