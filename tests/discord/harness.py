@@ -22,6 +22,7 @@ from bot.discord import VisionBot
 from bot.engine import EngineRequest, EngineStats
 from bot.settings import Settings
 from tests.fakediscord.server import FakeDiscord
+from tests.inference.proxy import InferenceProxy
 from tests.tiny_settings import tiny_settings
 
 TOKEN = "fake-token.never-logged.abc123XYZ"
@@ -40,15 +41,30 @@ def bot_settings(
     discord: dict[str, Any],
     *,
     engine: dict[str, Any] | None = None,
+    server: InferenceProxy | None = None,
+    server_options: dict[str, Any] | None = None,
 ) -> Settings:
     """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
-    `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections."""
+    `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections. With `server`, the
+    bot answers through that proxy of the real inference server (`engine.backend = "server"`), with
+    `server_options` added to the `[server]` section."""
+    backend: dict[str, dict[str, Any]] = {}
+    if server is not None:
+        backend = {
+            "engine": {"backend": "server", **(engine or {})},
+            "server": {
+                "base_url": server.base_url,
+                "model": server.model,
+                "connect_timeout_seconds": 1.0,
+                **(server_options or {}),
+            },
+        }
     return tiny_settings(
         model_dir,
         data_dir,
         discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0, **discord},
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
-        engine=engine or {},
+        **{"engine": engine or {}, **backend},
     )
 
 
@@ -67,6 +83,7 @@ class RunningBot:
 
     settings: Settings
     fake: FakeDiscord
+    proxy: InferenceProxy | None = None  # the inference server's proxy, on the server backend
     replies: list[tuple[Answer, int]] = field(default_factory=list)
     prompts: list[list[dict]] = field(default_factory=list)
     log: _Recorder = field(default_factory=_Recorder)
@@ -114,9 +131,14 @@ class RunningBot:
                 await self._changed.wait()
 
     @contextlib.contextmanager
-    def hold_engine(self, timeout: float = 60) -> Iterator[threading.Event]:
+    def hold_engine(self, timeout: float = 60) -> Iterator[threading.Event | asyncio.Event]:
         """Make the engine busy: every batch waits in the worker thread, before the real model runs, until
-        the yielded event is set (at the latest on leaving the block, or after `timeout` seconds)."""
+        the yielded event is set (at the latest on leaving the block, or after `timeout` seconds). On the
+        server backend, requests wait in the proxy before they reach the server."""
+        if self.proxy is not None:
+            with self.proxy.hold() as release:
+                yield release
+            return
         assert self.service is not None
         pipeline = self.service._engine._pipeline
         assert pipeline is not None, "the engine is running"

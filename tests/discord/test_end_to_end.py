@@ -1,7 +1,8 @@
 """The real discord.py client over a real websocket, the real answering service on the tiny model.
 
 One fake Discord server and one bot serve the whole module (each test uses its own channels). Tests play
-users on the fake server and assert what the bot sent over REST and what the store holds.
+users on the fake server and assert what the bot sent over REST and what the store holds. The module runs
+twice: with the in-process engine, and through a real inference server (`transformers serve`).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
 from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import FakeDiscord, FakeUser, RecordedRequest
+from tests.inference.proxy import InferenceProxy, sent_image_count
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -40,8 +42,14 @@ class World(GuildWorld):
     stranger_dm: int
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+@pytest_asyncio.fixture(loop_scope="module", scope="module", params=["local", "server"])
+async def world(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[World]:
+    proxy = None
+    if request.param == "server":
+        proxy = InferenceProxy(request.getfixturevalue("inference_server"))
+        await proxy.start()
     fake = FakeDiscord(token=TOKEN)
     guild_id, channel_ids, (member_role,) = fake.add_guild("Guild", CHANNELS, ("members",))
     channels = dict(zip(CHANNELS, channel_ids, strict=True))
@@ -56,8 +64,9 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
             "allowed_channel_ids": [channel for name, channel in channels.items() if name != "restricted"],
             "allowed_role_ids": [member_role],
         },
+        server=proxy,
     )
-    bot = RunningBot(settings, fake)
+    bot = RunningBot(settings, fake, proxy)
     await bot.start()
     try:
         yield World(
@@ -77,6 +86,8 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         await bot.stop()
         await fake.close()
+        if proxy is not None:
+            await proxy.close()
 
 
 def _posts(world: World, channel_id: int) -> list[dict]:
@@ -108,6 +119,8 @@ async def test_image_mention_is_downloaded_and_answered_as_a_safe_reply(world: W
     assert reply["content"].strip()
     assert reply["content"] == world.bot.replies[-1][0].text
     assert fake.requests_to("GET", "/cdn/red.png"), "the image came from the loopback CDN"
+    if world.bot.proxy is not None:
+        assert sent_image_count(world.bot.proxy.bodies[-1]) == 1, "answered by the inference server"
     assert fake.requests_to("POST", f"/channels/{channel}/typing")
     assert await world.stats(world.scope("main")) == (1, 1)
     prompt = world.bot.prompts[-1]

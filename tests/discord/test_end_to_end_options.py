@@ -3,7 +3,8 @@ failure sentences of commands and messages.
 
 One fake Discord server and one bot serve the module; the bot has `answer_in_new_thread`, a configured
 `gateway_url`, `max_batch_size = 1` and `max_queue_size = 1`. A busy engine is made by holding every batch
-at the device boundary (`RunningBot.hold_engine`) until the test lets it run on the real tiny model.
+at the device boundary (`RunningBot.hold_engine`) until the test lets it run on the real tiny model. The
+module runs twice: in process, and through a real inference server with `max_in_flight = 1`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from bot.errors import EmptyQuestion, QueueFull, TooManyImages, Unreachable, Uns
 from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import EPHEMERAL_FLAG, FakeDiscord, FakeUser
+from tests.inference.proxy import InferenceProxy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -54,8 +56,14 @@ class World(GuildWorld):
         return int(message["id"])
 
 
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[World]:
+@pytest_asyncio.fixture(loop_scope="module", scope="module", params=["local", "server"])
+async def world(
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> AsyncIterator[World]:
+    proxy = None
+    if request.param == "server":
+        proxy = InferenceProxy(request.getfixturevalue("inference_server"))
+        await proxy.start()
     fake = FakeDiscord(token=TOKEN)
     guild_id, channel_ids, _roles = fake.add_guild("Guild", CHANNELS)
     await fake.start()
@@ -65,8 +73,10 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
         fake,
         {"answer_in_new_thread": True, "gateway_url": fake.gateway_url},
         engine={"max_batch_size": 1, "max_queue_size": 1},
+        server=proxy,
+        server_options={"max_in_flight": 1},
     )
-    bot = RunningBot(settings, fake)
+    bot = RunningBot(settings, fake, proxy)
     await bot.start()
     try:
         channels = dict(zip(CHANNELS, channel_ids, strict=True))
@@ -74,6 +84,8 @@ async def world(tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         await bot.stop()
         await fake.close()
+        if proxy is not None:
+            await proxy.close()
 
 
 def _posts(world: World, channel_id: int) -> list[dict]:

@@ -54,7 +54,7 @@ def server_settings(model_dir: Path, tmp_path: Path, base_url: str, model: str, 
 
 @pytest_asyncio.fixture
 async def proxy(inference_server: InferenceServer) -> AsyncIterator[InferenceProxy]:
-    proxy = InferenceProxy(inference_server.base_url.removesuffix("/v1"))
+    proxy = InferenceProxy(inference_server)
     await proxy.start()
     try:
         yield proxy
@@ -193,21 +193,22 @@ async def test_the_bot_queues_beyond_the_in_flight_limit_and_publishes_positions
     connect: Callable[..., Any], proxy: InferenceProxy
 ) -> None:
     positions: dict[str, list[int]] = {name: [] for name in "abc"}
-    async with connect(max_in_flight=1) as engine, proxy.hold() as release:
-        handles = [
-            engine.submit(
-                EngineRequest(
-                    [user(f"question {name}")], name, GREEDY, on_queue_position=positions[name].append
+    async with connect(max_in_flight=1) as engine:
+        with proxy.hold() as release:
+            handles = [
+                engine.submit(
+                    EngineRequest(
+                        [user(f"question {name}")], name, GREEDY, on_queue_position=positions[name].append
+                    )
                 )
-            )
-            for name in "abc"
-        ]
-        while len(proxy.bodies) < 1:
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.1)
-        assert (engine.stats.running, engine.stats.queued, len(proxy.bodies)) == (1, 2, 1)
-        release.set()
-        results = await asyncio.gather(*(handle.result() for handle in handles))
+                for name in "abc"
+            ]
+            while len(proxy.bodies) < 1:
+                await asyncio.sleep(0.01)
+            await asyncio.sleep(0.1)
+            assert (engine.stats.running, engine.stats.queued, len(proxy.bodies)) == (1, 2, 1)
+            release.set()
+            results = await asyncio.gather(*(handle.result() for handle in handles))
 
     assert all(isinstance(result, GenerationResult) and result.text for result in results)
     assert positions == {"a": [0], "b": [1, 0], "c": [2, 1, 0]}
@@ -362,22 +363,23 @@ async def test_a_video_is_refused_politely_when_the_server_takes_none(
 async def test_cancelling_a_running_request_stops_its_stream(
     connect: Callable[..., Any], proxy: InferenceProxy
 ) -> None:
-    async with connect() as engine, proxy.hold() as release:
-        handle = engine.submit(EngineRequest([user("hi")], "c", GREEDY))
-        while not proxy.bodies:
-            await asyncio.sleep(0.01)
-        handle.cancel()
-        release.set()
-        while engine.stats.running:
-            await asyncio.sleep(0.01)
-        assert (engine.stats.cancelled, engine.stats.aborted) == (1, 1)
+    async with connect() as engine:
+        with proxy.hold() as release:
+            handle = engine.submit(EngineRequest([user("hi")], "c", GREEDY))
+            while not proxy.bodies:
+                await asyncio.sleep(0.01)
+            handle.cancel()
+            release.set()
+            while engine.stats.running:
+                await asyncio.sleep(0.01)
+            assert (engine.stats.cancelled, engine.stats.aborted) == (1, 1)
 
 
 async def test_stop_fails_the_queue_and_lets_the_running_answer_finish(
     connect: Callable[..., Any], proxy: InferenceProxy
 ) -> None:
     async with connect(max_in_flight=1) as engine:
-        async with proxy.hold() as release:
+        with proxy.hold() as release:
             running = engine.submit(EngineRequest([user("first")], "a", GREEDY))
             queued = engine.submit(EngineRequest([user("second")], "b", GREEDY))
             while not proxy.bodies:

@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import json
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+
+from tests.inference.server import InferenceServer
 
 CHAT_PATH = "/v1/chat/completions"
 
@@ -33,10 +35,11 @@ class Fault:
 
 
 class InferenceProxy:
-    """Forwards `/v1/...` to `upstream` (an http://host:port), applying scripted faults."""
+    """Forwards `/v1/...` to the real `server`, applying scripted faults."""
 
-    def __init__(self, upstream: str) -> None:
-        self._upstream = upstream.rstrip("/")
+    def __init__(self, server: InferenceServer) -> None:
+        self._upstream = server.base_url.removesuffix("/v1")
+        self.model = server.model
         self.faults: deque[Fault] = deque()
         self.bodies: list[dict] = []  # every chat-completion request body received, in order
         self._gate: asyncio.Event | None = None
@@ -87,8 +90,8 @@ class InferenceProxy:
             assert server is not None
             self.port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[asyncio.Event]:
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[asyncio.Event]:
         """Chat-completion requests wait (before reaching the server) until the yielded event is set."""
         self._gate = asyncio.Event()
         try:
@@ -156,3 +159,13 @@ def _carries_text(line: bytes) -> bool:
     except ValueError:
         return False
     return any(choice.get("delta", {}).get("content") for choice in chunk.get("choices", []))
+
+
+def sent_image_count(body: dict) -> int:
+    """How many images a chat-completion request body carries."""
+    return sum(
+        part.get("type") == "image_url"
+        for message in body["messages"]
+        if isinstance(message["content"], list)
+        for part in message["content"]
+    )
