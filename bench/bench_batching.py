@@ -30,9 +30,10 @@ from _common import add_model_args, bench_settings, configure_torch, model_direc
 from qwen_vl_utils import process_vision_info
 from tqdm import tqdm
 
-from bot.engine import EngineRequest, InferenceEngine
+from bot.engine import EngineRequest
 from bot.engine.loader import LoadedModel, load_model
 from bot.engine.pipeline import Pipeline, PipelineRequest
+from bot.engine.worker import InferenceEngine
 from bot.settings import Settings
 
 QUESTIONS = (

@@ -24,9 +24,10 @@ from dataclasses import dataclass
 
 from _common import add_model_args, bench_settings, configure_torch, model_directory, print_table
 
-from bot.engine import InferenceEngine
+from bot.engine import generate
 from bot.engine.loader import load_model
 from bot.engine.pipeline import Pipeline, PipelineRequest
+from bot.engine.worker import InferenceEngine
 from bot.settings import Settings
 
 TICK_SECONDS = 0.010
@@ -95,8 +96,12 @@ async def run_engine(settings: Settings, seconds: float, in_flight: int) -> Row:
         requests = tokens = 0
         while not stop.is_set():
             question = QUESTIONS[(index + requests * in_flight) % len(QUESTIONS)]
-            result = await engine.generate(
-                messages(question), conversation_key=f"c{index}", generate_kwargs=kwargs, on_text=on_text
+            result = await generate(
+                engine,
+                messages(question),
+                conversation_key=f"c{index}",
+                generate_kwargs=kwargs,
+                on_text=on_text,
             )
             requests += 1
             tokens += len(result.token_ids)

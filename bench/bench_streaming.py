@@ -21,7 +21,8 @@ from pathlib import Path
 from _common import add_model_args, bench_settings, configure_torch, model_directory, print_table, write_photo
 from tqdm import tqdm
 
-from bot.engine import EngineRequest, InferenceEngine
+from bot.engine import EngineRequest
+from bot.engine.worker import InferenceEngine
 
 Timing = tuple[float, float]  # seconds to the first text, seconds to the result
 
