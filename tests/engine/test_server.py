@@ -392,3 +392,25 @@ async def test_stop_fails_the_queue_and_lets_the_running_answer_finish(
             await stopping
         with pytest.raises(EngineStopped):
             engine.submit(EngineRequest([user("late")], "c", GREEDY))
+
+
+async def test_a_video_goes_inline_where_the_server_takes_videos(
+    connect: Callable[..., Any], proxy: InferenceProxy, tmp_path: Path
+) -> None:
+    clip = tmp_path / "clip.mp4"
+    clip.write_bytes(b"\x00\x00\x00\x18ftypmp42" + bytes(range(64)))
+    question = {
+        "role": "user",
+        "content": [{"type": "video", "video": str(clip)}, {"type": "text", "text": "?"}],
+    }
+    # transformers serve cannot decode videos here (500); the proxy answers in its place, after recording.
+    proxy.faults.append(Fault(status=400, message="unsupported"))
+    async with connect(accepts_video=True) as engine:
+        with pytest.raises(ServerRejected):
+            await generate(engine, [question], conversation_key="c", generate_kwargs=GREEDY)
+
+    (video_part, text_part) = proxy.bodies[-1]["messages"][0]["content"]
+    assert video_part["type"] == "video_url" and text_part == {"type": "text", "text": "?"}
+    url = video_part["video_url"]["url"]
+    assert url.startswith("data:video/mp4;base64,")
+    assert base64.b64decode(url.split(",", 1)[1]) == clip.read_bytes()
