@@ -220,14 +220,15 @@ class ServerEngine(EngineFrontEnd):
         try:
             async with asyncio.timeout(self._server.answer_timeout_seconds):
                 stream = await self._with_retries(lambda: self._create(body))
-                async for chunk in stream:
-                    if chunk.usage is not None:
-                        usage = chunk.usage
-                    delta = chunk.choices[0].delta.content if chunk.choices else None
-                    if delta:
-                        text += delta
-                        item.streamed = text
-                        self._deliver_text(item, delta)
+                async with stream:  # closed on any exit, cancellation included: the server stops generating
+                    async for chunk in stream:
+                        if chunk.usage is not None:
+                            usage = chunk.usage
+                        delta = chunk.choices[0].delta.content if chunk.choices else None
+                        if delta:
+                            text += delta
+                            item.streamed = text
+                            self._deliver_text(item, delta)
         except TimeoutError:
             if text:
                 raise AnswerIncomplete("the answer timeout passed mid-stream", partial_text=text) from None
@@ -318,8 +319,8 @@ def _describe(error: openai.APIError) -> str:
 
 
 def _server_error(error: openai.APIError, *, retried: bool = False) -> EngineError:
-    """The `ServerError` a client failure means for the user."""
-    detail = f"{_describe(error)}: {error.message}"
+    """The error a client failure means for the user."""
+    detail = f"{_describe(error)}: {error.message} {error.body or ''}".rstrip()
     if isinstance(error, openai.APITimeoutError):
         if type(error.__cause__).__name__ == "ConnectTimeout":
             return ServerUnavailable(detail)
@@ -327,8 +328,10 @@ def _server_error(error: openai.APIError, *, retried: bool = False) -> EngineErr
     if isinstance(error, openai.APIConnectionError):
         return ServerUnavailable(detail)
     status = getattr(error, "status_code", None)
-    if retried or status is None or status == 429 or status >= 500:
+    if retried or (status is not None and (status == 429 or status >= 500)):
         return ServerUnavailable(detail)
-    if _CONTEXT_TOO_LONG.search(error.message or ""):
+    if _CONTEXT_TOO_LONG.search(detail):
         return ContextTooLong(detail)
+    if status is None:  # an error event inside the stream: generation itself failed on the server
+        return GenerationFailed(detail)
     return ServerRejected(detail)

@@ -7,12 +7,13 @@ import contextlib
 import io
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pytest
 from PIL import Image
 
 from bot.answering import Answer, AnswerService
@@ -213,3 +214,17 @@ class GuildWorld:
     def image(self, name: str) -> dict:
         data = png_bytes()
         return self.fake.attachment(self.fake.add_file(name, data, "image/png"), name, len(data), "image/png")
+
+
+@contextlib.asynccontextmanager
+async def backend_proxy(request: pytest.FixtureRequest, backend: str) -> AsyncIterator[InferenceProxy | None]:
+    """For the "server" backend, a started proxy before the session's inference server; None for "local"."""
+    if backend != "server":
+        yield None
+        return
+    proxy = InferenceProxy(request.getfixturevalue("inference_server"))
+    await proxy.start()
+    try:
+        yield proxy
+    finally:
+        await proxy.close()

@@ -19,10 +19,10 @@ import pytest_asyncio
 from bot.content import ConversationScope
 from bot.discord.commands import NOT_ALLOWED_HERE
 from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
-from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
+from tests.discord.harness import TOKEN, GuildWorld, RunningBot, backend_proxy, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import FakeDiscord, FakeUser, RecordedRequest
-from tests.inference.proxy import InferenceProxy, sent_image_count
+from tests.inference.proxy import sent_image_count
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -46,48 +46,45 @@ class World(GuildWorld):
 async def world(
     request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[World]:
-    proxy = None
-    if request.param == "server":
-        proxy = InferenceProxy(request.getfixturevalue("inference_server"))
-        await proxy.start()
-    fake = FakeDiscord(token=TOKEN)
-    guild_id, channel_ids, (member_role,) = fake.add_guild("Guild", CHANNELS, ("members",))
-    channels = dict(zip(CHANNELS, channel_ids, strict=True))
-    alice = fake.add_user("alice", role_ids=[member_role], guild_ids=[guild_id])
-    outsider, stranger = fake.add_user("outsider", guild_ids=[guild_id]), fake.add_user("stranger")
-    await fake.start()
-    settings = bot_settings(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("bot-data"),
-        fake,
-        {
-            "allowed_channel_ids": [channel for name, channel in channels.items() if name != "restricted"],
-            "allowed_role_ids": [member_role],
-        },
-        server=proxy,
-    )
-    bot = RunningBot(settings, fake, proxy)
-    await bot.start()
-    try:
-        yield World(
-            fake=fake,
-            bot=bot,
-            guild_id=guild_id,
-            channels=channels,
-            alice=alice,
-            bob=fake.add_user("bob", role_ids=[member_role], guild_ids=[guild_id]),
-            outsider=outsider,
-            stranger=stranger,
-            other_bot=fake.add_user("otherbot", bot=True, role_ids=[member_role], guild_ids=[guild_id]),
-            dm_channel=fake.add_dm_channel(alice),
-            outsider_dm=fake.add_dm_channel(outsider),
-            stranger_dm=fake.add_dm_channel(stranger),
+    async with backend_proxy(request, request.param) as proxy:
+        fake = FakeDiscord(token=TOKEN)
+        guild_id, channel_ids, (member_role,) = fake.add_guild("Guild", CHANNELS, ("members",))
+        channels = dict(zip(CHANNELS, channel_ids, strict=True))
+        alice = fake.add_user("alice", role_ids=[member_role], guild_ids=[guild_id])
+        outsider, stranger = fake.add_user("outsider", guild_ids=[guild_id]), fake.add_user("stranger")
+        await fake.start()
+        settings = bot_settings(
+            tiny_model_dir,
+            tmp_path_factory.mktemp("bot-data"),
+            fake,
+            {
+                "allowed_channel_ids": [
+                    channel for name, channel in channels.items() if name != "restricted"
+                ],
+                "allowed_role_ids": [member_role],
+            },
+            server=proxy,
         )
-    finally:
-        await bot.stop()
-        await fake.close()
-        if proxy is not None:
-            await proxy.close()
+        bot = RunningBot(settings, fake, proxy)
+        await bot.start()
+        try:
+            yield World(
+                fake=fake,
+                bot=bot,
+                guild_id=guild_id,
+                channels=channels,
+                alice=alice,
+                bob=fake.add_user("bob", role_ids=[member_role], guild_ids=[guild_id]),
+                outsider=outsider,
+                stranger=stranger,
+                other_bot=fake.add_user("otherbot", bot=True, role_ids=[member_role], guild_ids=[guild_id]),
+                dm_channel=fake.add_dm_channel(alice),
+                outsider_dm=fake.add_dm_channel(outsider),
+                stranger_dm=fake.add_dm_channel(stranger),
+            )
+        finally:
+            await bot.stop()
+            await fake.close()
 
 
 def _posts(world: World, channel_id: int) -> list[dict]:

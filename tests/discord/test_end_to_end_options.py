@@ -20,10 +20,9 @@ import pytest_asyncio
 
 from bot.discord.commands import NO_ATTACHMENTS
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages, Unreachable, UnsupportedMediaType
-from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings, image_parts
+from tests.discord.harness import TOKEN, GuildWorld, RunningBot, backend_proxy, bot_settings, image_parts
 from tests.fakediscord.payloads import snowflake
 from tests.fakediscord.server import EPHEMERAL_FLAG, FakeDiscord, FakeUser
-from tests.inference.proxy import InferenceProxy
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -60,32 +59,27 @@ class World(GuildWorld):
 async def world(
     request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[World]:
-    proxy = None
-    if request.param == "server":
-        proxy = InferenceProxy(request.getfixturevalue("inference_server"))
-        await proxy.start()
-    fake = FakeDiscord(token=TOKEN)
-    guild_id, channel_ids, _roles = fake.add_guild("Guild", CHANNELS)
-    await fake.start()
-    settings = bot_settings(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("bot-data"),
-        fake,
-        {"answer_in_new_thread": True, "gateway_url": fake.gateway_url},
-        engine={"max_batch_size": 1, "max_queue_size": 1},
-        server=proxy,
-        server_options={"max_in_flight": 1},
-    )
-    bot = RunningBot(settings, fake, proxy)
-    await bot.start()
-    try:
-        channels = dict(zip(CHANNELS, channel_ids, strict=True))
-        yield World(fake, bot, guild_id, channels, fake.add_user("alice"))
-    finally:
-        await bot.stop()
-        await fake.close()
-        if proxy is not None:
-            await proxy.close()
+    async with backend_proxy(request, request.param) as proxy:
+        fake = FakeDiscord(token=TOKEN)
+        guild_id, channel_ids, _roles = fake.add_guild("Guild", CHANNELS)
+        await fake.start()
+        settings = bot_settings(
+            tiny_model_dir,
+            tmp_path_factory.mktemp("bot-data"),
+            fake,
+            {"answer_in_new_thread": True, "gateway_url": fake.gateway_url},
+            engine={"max_batch_size": 1, "max_queue_size": 1},
+            server=proxy,
+            server_options={"max_in_flight": 1},
+        )
+        bot = RunningBot(settings, fake, proxy)
+        await bot.start()
+        try:
+            channels = dict(zip(CHANNELS, channel_ids, strict=True))
+            yield World(fake, bot, guild_id, channels, fake.add_user("alice"))
+        finally:
+            await bot.stop()
+            await fake.close()
 
 
 def _posts(world: World, channel_id: int) -> list[dict]:

@@ -14,10 +14,9 @@ import pytest
 import pytest_asyncio
 
 from bot.errors import AnswerIncomplete, BotError, ServerUnavailable, VideoNotSupported
-from tests.discord.harness import TOKEN, GuildWorld, RunningBot, bot_settings
+from tests.discord.harness import TOKEN, GuildWorld, RunningBot, backend_proxy, bot_settings
 from tests.fakediscord.server import FakeDiscord, FakeUser
 from tests.inference.proxy import Fault, InferenceProxy
-from tests.inference.server import InferenceServer
 from tests.media.factories import video
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -48,31 +47,29 @@ def is_sentence(error: type[BotError]) -> Callable[[str], bool]:
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def world(
-    inference_server: InferenceServer, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> AsyncIterator[World]:
-    proxy = InferenceProxy(inference_server)
-    await proxy.start()
-    fake = FakeDiscord(token=TOKEN)
-    guild_id, channel_ids, _roles = fake.add_guild("Guild", CHANNELS)
-    await fake.start()
-    settings = bot_settings(
-        tiny_model_dir,
-        tmp_path_factory.mktemp("bot-data"),
-        fake,
-        {},
-        server=proxy,
-        server_options={"retry_deadline_seconds": 1.0},
-    )
-    bot = RunningBot(settings, fake, proxy)
-    await bot.start()
-    try:
-        yield World(
-            fake, bot, guild_id, dict(zip(CHANNELS, channel_ids, strict=True)), fake.add_user("alice"), proxy
+    async with backend_proxy(request, "server") as proxy:
+        fake = FakeDiscord(token=TOKEN)
+        guild_id, channel_ids, _roles = fake.add_guild("Guild", CHANNELS)
+        await fake.start()
+        settings = bot_settings(
+            tiny_model_dir,
+            tmp_path_factory.mktemp("bot-data"),
+            fake,
+            {},
+            server=proxy,
+            server_options={"retry_deadline_seconds": 1.0},
         )
-    finally:
-        await bot.stop()
-        await fake.close()
-        await proxy.close()
+        bot = RunningBot(settings, fake, proxy)
+        await bot.start()
+        channels = dict(zip(CHANNELS, channel_ids, strict=True))
+        assert proxy is not None
+        try:
+            yield World(fake, bot, guild_id, channels, fake.add_user("alice"), proxy)
+        finally:
+            await bot.stop()
+            await fake.close()
 
 
 async def test_a_server_down_mid_run_is_one_sentence_and_nothing_is_stored(world: World) -> None:
