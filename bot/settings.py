@@ -158,6 +158,7 @@ class ServerSettings(_Section):
     answer_timeout_seconds: float = Field(default=300.0, gt=0)
     retry_deadline_seconds: float = Field(default=20.0, ge=0)
     accepts_video: bool = False
+    image_cache_mb: int = Field(default=128, ge=0)
     extra_body: dict[str, Any] = Field(default_factory=dict)
 
     def api_key(self) -> SecretStr | None:

@@ -3,14 +3,19 @@
 Each image is resized here exactly as the in-process engine resizes it (`budget.smart_resize`, the same
 pixel limits, PIL's default filter as `qwen_vl_utils` uses) and sent as a lossless PNG, so the server sees
 the pixels the local model would see, never fetches a URL and never receives a 48-megapixel photo. Runs in a
-worker thread: decoding and encoding images is CPU work.
+worker thread: decoding and encoding images is CPU work, and `ImageUrlCache` keeps it to once per image,
+although every question re-sends the images of its history window.
 """
 
 from __future__ import annotations
 
 import base64
-import io
 import mimetypes
+import struct
+import threading
+import zlib
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 from PIL import Image
@@ -19,7 +24,27 @@ from bot.engine.budget import smart_resize
 from bot.errors import VideoNotSupported
 from bot.settings import VisionSettings
 
-_PNG_COMPRESS_LEVEL = 1  # fast; the bytes only cross to the server once
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """An RGB `image` as a PNG with no filtering and stored (uncompressed) deflate blocks.
+
+    Lossless like any PNG, and written about 20 times faster than Pillow's filtered PNG (6 ms vs 115 ms for a
+    megapixel): a photo barely compresses anyway, and the bytes only cross to the server once.
+    """
+    width, height = image.size
+    raw = image.tobytes()
+    stride = 3 * width
+    rows = b"".join(b"\x00" + raw[row : row + stride] for row in range(0, len(raw), stride))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB, no interlace
+    return (
+        _PNG_SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(rows, 0)) + chunk(b"IEND", b"")
+    )
 
 
 def image_data_url(path: Path, *, min_pixels: int, max_pixels: int) -> str:
@@ -29,9 +54,39 @@ def image_data_url(path: Path, *, min_pixels: int, max_pixels: int) -> str:
     height, width = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
     if (width, height) != image.size:
         image = image.resize((width, height))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=_PNG_COMPRESS_LEVEL)
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+
+
+class ImageUrlCache:
+    """Image data URLs by (file, pixel limits), least recently used evicted beyond `max_bytes`; thread-safe.
+
+    Stored media files are content-addressed, so a path always names the same bytes.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[tuple[str, int, int], str] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[str, int, int], make: Callable[[], str]) -> str:
+        """The cached URL for `key`, or `make()`'s, remembered when it fits the budget."""
+        with self._lock:
+            url = self._entries.get(key)
+            if url is not None:
+                self._entries.move_to_end(key)
+                return url
+        url = make()
+        if len(url) > self.max_bytes:
+            return url
+        with self._lock:
+            if key not in self._entries:
+                self._entries[key] = url
+                self._bytes += len(url)
+            while self._bytes > self.max_bytes:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= len(evicted)
+        return url
 
 
 def video_data_url(path: Path) -> str:
@@ -41,7 +96,7 @@ def video_data_url(path: Path) -> str:
 
 
 def to_openai_messages(
-    messages: list[dict], vision: VisionSettings, *, accepts_video: bool
+    messages: list[dict], vision: VisionSettings, *, accepts_video: bool, cache: ImageUrlCache | None = None
 ) -> list[dict[str, object]]:
     """The OpenAI chat form of a Qwen `messages` list.
 
@@ -60,19 +115,24 @@ def to_openai_messages(
             converted.append({"role": message["role"], "content": text})
             continue
         newest = index == len(messages) - 1
-        parts = [_part(part, vision, accepts_video=accepts_video, newest=newest) for part in content]
+        parts = [_part(part, vision, cache, accepts_video=accepts_video, newest=newest) for part in content]
         converted.append({"role": "user", "content": [part for part in parts if part is not None]})
     return converted
 
 
 def _part(
-    part: dict, vision: VisionSettings, *, accepts_video: bool, newest: bool
+    part: dict, vision: VisionSettings, cache: ImageUrlCache | None, *, accepts_video: bool, newest: bool
 ) -> dict[str, object] | None:
     kind = part.get("type")
     if kind == "image":
+        path = Path(part["image"])
         max_pixels = int(part.get("max_pixels", vision.max_pixels))
         min_pixels = int(part.get("min_pixels", min(vision.min_pixels, max_pixels)))
-        url = image_data_url(Path(part["image"]), min_pixels=min_pixels, max_pixels=max_pixels)
+
+        def make() -> str:
+            return image_data_url(path, min_pixels=min_pixels, max_pixels=max_pixels)
+
+        url = make() if cache is None else cache.get((str(path), min_pixels, max_pixels), make)
         return {"type": "image_url", "image_url": {"url": url}}
     if kind == "video":
         if accepts_video:

@@ -28,7 +28,7 @@ import openai
 from bot.engine.api import GenerationResult
 from bot.engine.budget import estimate_text_tokens
 from bot.engine.frontend import EngineFrontEnd, settle
-from bot.engine.openai_format import to_openai_messages
+from bot.engine.openai_format import ImageUrlCache, to_openai_messages
 from bot.engine.scheduler import ScheduledRequest
 from bot.errors import (
     AnswerIncomplete,
@@ -63,6 +63,8 @@ class ServerEngine(EngineFrontEnd):
         self._server = settings.server
         self._client: openai.AsyncOpenAI | None = None
         self._tasks: dict[ScheduledRequest, asyncio.Task[None]] = {}
+        cache_bytes = settings.server.image_cache_mb * 1024 * 1024
+        self._image_urls = ImageUrlCache(cache_bytes) if cache_bytes else None
         self._stop_task: asyncio.Future[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------------------
@@ -212,6 +214,7 @@ class ServerEngine(EngineFrontEnd):
             item.request.messages,
             self._settings.vision,
             accepts_video=self._server.accepts_video,
+            cache=self._image_urls,
         )
         body = self._request_body(messages, item.generate_kwargs)
         started = time.monotonic()
