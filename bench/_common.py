@@ -10,15 +10,18 @@ import argparse
 import asyncio
 import contextlib
 import io
+import logging
 import random
+import signal
 import socket
 import statistics
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+import time
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from aiohttp import web
@@ -29,6 +32,13 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from bot.settings import Settings, parse_settings  # noqa: E402  (needs the path above)
+
+if TYPE_CHECKING:
+    import openai
+
+    from tests.discord.harness import RunningBot
+    from tests.fakediscord.server import FakeDiscord, FakeUser
+    from tests.inference.server import InferenceServer
 
 LOOPBACK_HOST = "127.0.0.1"
 
@@ -118,6 +128,12 @@ def write_photo(path: Path, width: int, height: int, *, seed: int, quality: int 
     return path
 
 
+def distinct_photos(count: int, width: int, height: int, *, seed: int, quality: int = 92) -> list[bytes]:
+    """`count` different photo-like JPEGs of one size (shifted copies of one picture, so they cost alike)."""
+    base = photo_pixels(width, height, seed=seed)
+    return [jpeg_bytes(np.roll(base, 7 * index, axis=1), quality=quality) for index in range(count)]
+
+
 # -- a loopback HTTP server --------------------------------------------------------------------------------
 
 
@@ -169,6 +185,172 @@ class LoopbackImageServer:
     async def _stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()
+
+
+# -- the server backend: `transformers serve`, the bot on the loopback Discord, direct requests ------------
+
+
+@contextlib.contextmanager
+def inference_server(model_dir: Path, log_path: Path) -> Iterator[InferenceServer]:
+    """`transformers serve` on `model_dir` (tests/inference/server.py), stopped on leaving, even on Ctrl-C.
+
+    Ctrl-C during the start-up wait is held back until the process handle exists, so the server (in its own
+    session, out of the terminal's reach) is always stopped.
+    """
+    from tests.inference.server import start_inference_server
+
+    interrupted: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupted.append(signum))
+    try:
+        server = start_inference_server(model_dir, log_path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    try:
+        if interrupted:
+            raise KeyboardInterrupt
+        yield server
+    finally:
+        server.stop()
+
+
+def server_bot_settings(
+    model_dir: Path,
+    data_dir: Path,
+    fake: FakeDiscord,
+    inference: InferenceServer,
+    **sections: Mapping[str, Any],
+) -> Settings:
+    """The tests' tiny settings (tests/tiny_settings.py) on the server backend, straight to `inference`
+    (no proxy), Discord and the CDN on loopback, the minimum edit interval; `sections` add to each section."""
+    from tests.tiny_settings import tiny_settings
+
+    data: dict[str, dict[str, Any]] = {
+        "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
+        "media": {"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
+        "engine": {"backend": "server"},
+        "server": {"base_url": inference.base_url, "model": inference.model},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return tiny_settings(model_dir, data_dir, **data)
+
+
+@contextlib.asynccontextmanager
+async def discord_bot(
+    settings_for: Any, channel_names: Sequence[str]
+) -> AsyncIterator[tuple[FakeDiscord, RunningBot, FakeUser, list[int]]]:
+    """The loopback Discord (a guild with `channel_names`, a user) and the real bot running against it;
+    `settings_for(fake)` gives the bot's settings. Yields (fake, bot, user, channel ids); both stop after.
+
+    The harness records every log line at DEBUG (for the tests' token checks); here the root logger goes back
+    to INFO, as a deployed bot logs, so formatting debug lines is not charged to the bot.
+    """
+    from tests.discord.harness import TOKEN, RunningBot
+    from tests.fakediscord.server import FakeDiscord
+
+    fake = FakeDiscord(token=TOKEN)
+    _guild_id, channel_ids, _roles = fake.add_guild("bench", list(channel_names))
+    user = fake.add_user("alice")
+    await fake.start()
+    try:
+        bot = RunningBot(settings_for(fake), fake)
+        await bot.start()
+        try:
+            logging.getLogger().setLevel(logging.INFO)
+            yield fake, bot, user, channel_ids
+        finally:
+            await bot.stop()
+    finally:
+        await fake.close()
+
+
+def shows_answer_text(message: Mapping[str, Any]) -> bool:
+    """Whether a bot message shows answer text (not empty, not a queue or "answering now" placeholder)."""
+    from bot.discord.replies import ANSWERING_NOW
+
+    content = str(message.get("content") or "").strip()
+    return bool(content) and not content.startswith("⏳") and content != ANSWERING_NOW
+
+
+async def ask_on_discord(
+    fake: FakeDiscord,
+    bot: RunningBot,
+    user: FakeUser,
+    channel_id: int,
+    text: str,
+    attachments: list[dict[str, Any]] | None = None,
+    *,
+    timeout: float = 120.0,
+) -> tuple[float, float]:
+    """`user` mentions the bot in `channel_id`; seconds from sending to the first bot message showing answer
+    text there, and to the final answer (the reply linked to the stored answer: `RunningBot.wait_reply`)."""
+    after = len(bot.replies)
+    started = time.perf_counter()
+
+    async def first_text() -> float:
+        await fake.wait_for_message(channel_id, shows_answer_text, timeout=timeout)
+        return time.perf_counter() - started
+
+    async def final() -> float:
+        await bot.wait_reply(channel_id, after=after, timeout=timeout)
+        return time.perf_counter() - started
+
+    waiting = asyncio.gather(first_text(), final())
+    try:
+        await fake.send_message(channel_id, user, f"{fake.bot.mention} {text}", attachments=attachments)
+        first, last = await waiting
+    except BaseException:
+        waiting.cancel()
+        raise
+    return first, last
+
+
+async def stream_direct(client: openai.AsyncOpenAI, body: Mapping[str, Any]) -> tuple[float, float, int]:
+    """One streamed chat completion: seconds to the first piece of text and to the end of the stream, and
+    the completion tokens the server reports (0 when it reports none)."""
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    stream = await client.chat.completions.create(**body)
+    async for chunk in stream:
+        if chunk.usage is not None:
+            tokens = chunk.usage.completion_tokens
+        if first is None and chunk.choices and chunk.choices[0].delta.content:
+            first = time.perf_counter() - started
+    end = time.perf_counter() - started
+    return (end if first is None else first), end, tokens
+
+
+def chat_body(model: str, messages: list[dict[str, object]], max_tokens: int) -> dict[str, Any]:
+    """The chat-completion request the server backend sends for greedy answers of at most `max_tokens`
+    (`ServerEngine._request_body` with `do_sample = false`)."""
+    return {
+        "model": model,
+        "messages": messages,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "max_tokens": max_tokens,
+        "temperature": 0.0,
+    }
+
+
+def replace_images(messages: list[dict], images: Sequence[Path], question: str | None = None) -> list[dict]:
+    """A copy of Qwen `messages` with the newest message's images swapped for `images` (in order) and,
+    when given, its text for `question`."""
+    result = [dict(message) for message in messages]
+    newest = dict(result[-1])
+    pending = iter(images)
+    parts = []
+    for part in newest["content"]:
+        part = dict(part)
+        if part.get("type") == "image":
+            part["image"] = str(next(pending))
+        elif part.get("type") == "text" and question is not None:
+            part["text"] = question
+        parts.append(part)
+    newest["content"] = parts
+    result[-1] = newest
+    return result
 
 
 # -- statistics and tables -------------------------------------------------------------------------------
