@@ -196,10 +196,12 @@ class AnswerService:
             ),
             return_exceptions=True,
         )
+        media = []
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
                 raise outcome
-        return list(outcomes)
+            media.append(outcome)
+        return media
 
     async def _generate_and_record(
         self,

@@ -18,7 +18,7 @@ from discord import app_commands
 from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
 from bot.content import ConversationScope
 from bot.discord.access import AccessPolicy
-from bot.discord.delivery import GENERIC_FAILURE, deliver, thread_origin
+from bot.discord.delivery import GENERIC_FAILURE, DeliveryTracker, deliver, thread_origin
 from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
 from bot.discord.triggers import attachment_refs, scope_of
 from bot.errors import BotError
@@ -42,6 +42,9 @@ class Serving(Protocol):
 
     @property
     def access(self) -> AccessPolicy: ...
+
+    @property
+    def deliveries(self) -> DeliveryTracker: ...
 
 
 class GuardedCommandTree(app_commands.CommandTree):

@@ -285,6 +285,7 @@ class ServerEngine(EngineFrontEnd):
         server = self._server
         started = time.monotonic()
         backoff = _FIRST_BACKOFF_SECONDS
+        error: openai.APIError
         while True:
             try:
                 return await call()

@@ -167,8 +167,14 @@ def _build_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def _token_id(tokenizer: PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    assert isinstance(token_id, int), f"{token} is one token"
+    return token_id
+
+
 def _build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int) -> Qwen2_5_VLForConditionalGeneration:
-    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in SPECIAL_TOKENS}
+    ids = {token: _token_id(tokenizer, token) for token in SPECIAL_TOKENS}
     head_dim = 64 // 4
     config = Qwen2_5_VLConfig(
         text_config={
@@ -207,7 +213,8 @@ def _build_model(tokenizer: PreTrainedTokenizerFast, *, seed: int) -> Qwen2_5_VL
         vision_end_token_id=ids["<|vision_end|>"],
         tie_word_embeddings=False,
     )
-    assert sum(config.text_config.rope_parameters["mrope_section"]) == head_dim // 2
+    rope = config.get_text_config().rope_parameters
+    assert rope is not None and sum(rope["mrope_section"]) == head_dim // 2
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Qwen2_5_VLForConditionalGeneration(config).eval()

@@ -139,7 +139,8 @@ def cached_image_features(model: Any, cache: VisionCache, image_keys: list[str])
             for index, embed in zip(missing, fresh, strict=True):
                 embeds[index] = embed
                 cache.put(image_keys[index], embed)
-        return BaseModelOutputWithPooling(pooler_output=tuple(embeds))
+        # Qwen2.5-VL's own get_image_features returns one tensor per image here, as a tuple.
+        return BaseModelOutputWithPooling(pooler_output=tuple(embeds))  # type: ignore[arg-type]
 
     inner.get_image_features = get_image_features
     try:

@@ -144,12 +144,13 @@ async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
 
 async def test_leaving_early_stops_the_pump() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=10) as reply:
+    async with StreamingReply(target, interval=INTERVAL) as reply:
         reply.on_text("first")
-        await asyncio.sleep(0.01)
-        reply.on_text(" second")
-        await asyncio.sleep(0.01)
-    await asyncio.sleep(0.05)
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        reply.on_text(" second")  # due one interval after the first send, after the block is left
+    # A live pump would edit within one interval; wait four.
+    await asyncio.sleep(4 * INTERVAL)
     assert [op[1] for op in target.ops] == ["send-first"], "no edit after the reply was abandoned"
 
 

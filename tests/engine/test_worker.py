@@ -144,7 +144,7 @@ async def test_answer_equals_the_pipeline_run_directly(tiny_model_dir: Path, ref
 
     assert_same(result, reference(QUESTIONS[0]))
     assert result.token_ids, "the tiny model answers with at least one token"
-    assert result.queue_seconds >= 0 and result.generate_seconds > 0
+    assert result.generate_seconds > 0
 
 
 async def test_token_counts_on_the_loop_match_the_pipeline_while_the_worker_runs(
@@ -226,11 +226,13 @@ async def test_queue_full_is_raised_at_once_and_memory_stays_bounded(
         with pytest.raises(QueueFull):
             engine.submit(request("one too many"))
         assert engine.stats.queued == 2
+        await asyncio.sleep(0.3)  # the queued requests wait at least this long behind the held one
         spy.gate.set()
-        await asyncio.gather(slow.result(), *(handle.result() for handle in queued))
+        _first, *behind = await asyncio.gather(slow.result(), *(handle.result() for handle in queued))
         after = await generate(engine, ask("room again"), conversation_key="later")
 
     assert after.token_ids
+    assert all(result.queue_seconds >= 0.3 for result in behind), "queue time counts the wait"
 
 
 async def test_queue_positions_count_down_to_zero_on_the_loop_thread(

@@ -50,7 +50,7 @@ async def test_host_off_the_allow_list_is_never_contacted(
         started = time.monotonic()
         with pytest.raises(HostNotAllowed) as caught:
             await fetcher.fetch(url)
-        assert time.monotonic() - started < 0.5
+        assert time.monotonic() - started < 3  # refused before any connection (a connect would wait 5 s)
         assert_user_facing(caught.value)
     assert started_requests == []
 
@@ -267,7 +267,7 @@ async def test_slow_host_times_out_after_the_retries(
         with pytest.raises(DownloadTimeout) as caught:
             await fetcher.fetch(media_server.url("/slow.png"))
     elapsed = time.monotonic() - started
-    assert 0.6 <= elapsed < 2.0  # two attempts of 0.3 s plus a 0.01 s backoff
+    assert elapsed >= 0.6  # two attempts of 0.3 s (plus a 0.01 s backoff); the count below shows no third
     assert_user_facing(caught.value)
     assert media_server.count("/slow.png") == 2
 
@@ -282,7 +282,7 @@ async def test_connection_refused_is_unreachable(
     started = time.monotonic()
     with pytest.raises(Unreachable) as caught:
         await fetcher.fetch(f"http://127.0.0.1:{port}/x.png?hm=secret-signature")
-    assert time.monotonic() - started < 2.0
+    assert time.monotonic() - started < 4  # refused at once, not waited out
     assert_user_facing(caught.value)
     assert "Connect" in str(caught.value) and "secret-signature" not in str(caught.value) + caplog.text
 
@@ -294,8 +294,11 @@ async def test_own_session_is_shared_and_closed(
     async with MediaFetcher(media_settings, tmp_path) as fetcher:
         first = await fetcher.fetch(url)
         second = await fetcher.fetch(url)
+        session = fetcher._http()  # the session it made for itself
+        assert not session.closed
     assert first == second
     assert len(set(media_server.peers)) == 1  # one keep-alive connection: one session for both downloads
+    assert session.closed, "a session the fetcher made is closed with it"
 
 
 async def test_logs_never_show_the_query_string(
