@@ -2,8 +2,10 @@
 
 `StreamingReply` receives the service's callbacks (text deltas, queue position) on the event loop and renders
 them through a `ReplyTarget`: a channel (the reply to a user's message) or an interaction's follow-ups. One
-pump task does all the HTTP work, at most one round of edits per `interval` seconds: deltas that arrive in
-between are merged into the next round, so a long answer costs a handful of edits, never one per token.
+pump task does all the HTTP work, at most one round of intermediate edits per `interval` seconds: deltas that
+arrive in between are merged into the next round, so a long answer costs a handful of edits, never one per
+token. The final round goes out as soon as the answer ends (discord.py's rate limiter still waits when
+Discord's bucket is empty), so nobody waits out an interval for the last words.
 A refusal that a retry cannot fix (401, 403, 404) ends the reply's updates: Discord bans an IP that sends
 too many invalid requests, and each round would repeat the refused one.
 """
@@ -11,6 +13,7 @@ too many invalid requests, and each round would repeat the refused one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from datetime import timedelta
 from types import TracebackType
@@ -136,6 +139,7 @@ class StreamingReply:
         self._messages: list[discord.Message] = []
         self._shown: list[str] = []
         self._wake = asyncio.Event()
+        self._finished = asyncio.Event()  # set by finish(): the pending round is the final one
         self._next_round = 0.0
         self._pump_task: asyncio.Task[None] | None = None
 
@@ -172,6 +176,7 @@ class StreamingReply:
         """Show `text` as the whole reply (split as needed; "" removes the reply) and return its messages."""
         self._text = text
         self._final = True
+        self._finished.set()
         self._poke()
         assert self._pump_task is not None
         await self._pump_task
@@ -187,8 +192,9 @@ class StreamingReply:
         while True:
             await self._wake.wait()
             delay = self._next_round - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)  # updates arriving meanwhile are merged into this round
+            if delay > 0:  # updates arriving meanwhile are merged into this round; finishing cuts it short
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._finished.wait(), delay)
             self._wake.clear()
             final = self._final
             await self._render(final=final)

@@ -71,8 +71,23 @@ async def test_deltas_are_merged_into_throttled_edits() -> None:
     assert target.ops[0][1] == "send-first" and target.ops[0][3].startswith("w0")
     edits = [op for op in target.ops if op[1] == "edit"]
     assert 1 <= len(edits) < 20, "edits must be merged, never one per delta"
-    times = [op[0] for op in target.ops]
+    times = [op[0] for op in target.ops[:-1]]  # the final edit is not held back by the interval
     assert all(b - a >= INTERVAL * 0.9 for a, b in itertools.pairwise(times))
+
+
+async def test_the_final_text_goes_out_at_once_not_after_the_interval() -> None:
+    target = _RecordingTarget()
+    long_interval = 30.0
+    loop = asyncio.get_running_loop()
+    async with StreamingReply(target, interval=long_interval) as reply:
+        reply.on_text("The first words")
+        await asyncio.sleep(0.05)
+        reply.on_text(" and more")  # an intermediate round is now due 30 s after the first send
+        finished_at = loop.time()
+        messages = await reply.finish("The first words and more, all of it.")
+    assert [target.contents[m.id] for m in messages] == ["The first words and more, all of it."]
+    assert [op[1] for op in target.ops] == ["send-first", "edit"], "the pending round became the final one"
+    assert target.ops[-1][0] - finished_at < long_interval / 3
 
 
 async def test_queue_placeholder_is_updated_then_replaced_by_text() -> None:
