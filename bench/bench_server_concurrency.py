@@ -21,12 +21,9 @@ adds serialisation of its own (it should not: it keeps up to `max_in_flight` req
 meant for production, vLLM and SGLang, concurrent requests are batched together (continuous batching), so
 the same bot configuration gets a ratio well below 1 there.
 
-Through Discord each answer's end also waits for the streaming edit interval
-(`discord.stream_edit_interval_seconds`, 1.0 s, the minimum: Discord rate-limits edits): the final text
-goes out at the earliest one interval after the previous edit. One after another pays that up to 8 times,
-together about once, so the Discord ratio sits below the direct one by that much (issue 11 addresses the
-interval). `--max-tokens` is large so that generation dominates the direct times; on this CPU the tiny model
-still answers within about one interval, so raise it (and the runtime) to make the interval matter less.
+Through Discord only intermediate edits are spaced by `discord.stream_edit_interval_seconds` (1.0 s, the
+minimum: Discord rate-limits edits); the final text goes out as soon as the stream ends, so the Discord ratio
+follows the server's. `--max-tokens` is large so that generation dominates.
 One warm-up question per path comes first and is not counted.
 
     python bench/bench_server_concurrency.py [--rounds 3] [--questions 8] [--max-tokens 256]

@@ -1,11 +1,20 @@
-"""Content-addressed files: `<media_dir>/<sha256[:2]>/<sha256><ext>`, written atomically and only once."""
+"""Content-addressed files: `<media_dir>/<sha256[:2]>/<sha256><ext>`, written atomically and only once.
+
+This module owns that layout: the store reads file names only through `is_shard_name`, `content_digest` and
+`INCOMING_PREFIX`.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import tempfile
-from pathlib import Path
+from pathlib import Path, PurePath
+
+INCOMING_PREFIX = ".incoming-"  # a file being written, moved into place when complete
+_SHARD_NAME = re.compile(r"[0-9a-f]{2}")
+_CONTENT_NAME = re.compile(r"([0-9a-f]{64})(\.[A-Za-z0-9]+)?")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -16,6 +25,20 @@ def sha256_hex(data: bytes) -> str:
 def content_path(media_dir: Path, digest: str, extension: str) -> Path:
     """Where the file with SHA-256 `digest` and `extension` lives under `media_dir` (it may not exist)."""
     return media_dir / digest[:2] / f"{digest}{extension}"
+
+
+def is_shard_name(name: str) -> bool:
+    """Whether a folder directly under the media dir is one of the layout's shards (`<sha256[:2]>`)."""
+    return _SHARD_NAME.fullmatch(name) is not None
+
+
+def content_digest(relative_path: str | PurePath) -> str | None:
+    """The SHA-256 a stored file's path relative to the media dir names, or None for any other path."""
+    path = PurePath(relative_path)
+    match = _CONTENT_NAME.fullmatch(path.name)
+    if match is None or len(path.parts) != 2 or not match.group(1).startswith(path.parts[0]):
+        return None
+    return match.group(1)
 
 
 def store_content_addressed(
@@ -62,7 +85,7 @@ def _temporary_file(folder: Path, extension: str) -> tuple[int, str]:
     """Create a temporary file in `folder`, making the folder first."""
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=extension)
+        return tempfile.mkstemp(dir=folder, prefix=INCOMING_PREFIX, suffix=extension)
     except FileNotFoundError:  # the purge removed the folder as empty just after the mkdir
         folder.mkdir(parents=True, exist_ok=True)
-        return tempfile.mkstemp(dir=folder, prefix=".incoming-", suffix=extension)
+        return tempfile.mkstemp(dir=folder, prefix=INCOMING_PREFIX, suffix=extension)

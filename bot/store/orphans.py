@@ -12,17 +12,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import time
 from collections.abc import Callable, Collection
 from datetime import timedelta
 from pathlib import Path
 
-log = logging.getLogger(__name__)
+from bot.media.storage import INCOMING_PREFIX, content_digest, is_shard_name
 
-_SHARD = re.compile(r"[0-9a-f]{2}")
-_CONTENT = re.compile(r"([0-9a-f]{64})(\.[A-Za-z0-9]+)?")
-_INCOMING_PREFIX = ".incoming-"
+log = logging.getLogger(__name__)
 
 
 def sweep_orphan_files(
@@ -53,7 +50,7 @@ def sweep_orphan_files(
 
 
 def _is_shard(entry: os.DirEntry[str]) -> bool:
-    return _SHARD.fullmatch(entry.name) is not None and entry.is_dir(follow_symlinks=False)
+    return is_shard_name(entry.name) and entry.is_dir(follow_symlinks=False)
 
 
 def _old_candidates(shard: Path, cutoff: float) -> tuple[list[Path], dict[str, Path]]:
@@ -74,10 +71,11 @@ def _old_candidates(shard: Path, cutoff: float) -> tuple[list[Path], dict[str, P
                 continue
         except OSError:  # gone meanwhile
             continue
-        if entry.name.startswith(_INCOMING_PREFIX):
+        relative = f"{shard.name}/{entry.name}"
+        if entry.name.startswith(INCOMING_PREFIX):
             temporary.append(Path(entry.path))
-        elif (match := _CONTENT.fullmatch(entry.name)) and match.group(1).startswith(shard.name):
-            content[f"{shard.name}/{entry.name}"] = Path(entry.path)
+        elif content_digest(relative) is not None:
+            content[relative] = Path(entry.path)
     return temporary, content
 
 

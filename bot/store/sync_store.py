@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from datetime import timedelta
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, TypeVar, cast
 
 from sqlalchemy import CursorResult, Delete, Engine, Update, delete, exists, func, insert, select, update
@@ -18,6 +18,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from bot.content import ChatMessage, ConversationScope, MediaKind, Role, StoredMedia, TextPart
+from bot.media.storage import content_digest
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
 from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
@@ -310,7 +311,7 @@ class SyncStore:
         again; should it fail instead, the orphan sweep removes them later.
         """
         for relative_path in relative_paths:
-            if PurePosixPath(relative_path).stem in keep_files:
+            if content_digest(relative_path) in keep_files:
                 continue
             try:
                 (self._media_dir / relative_path).unlink(missing_ok=True)
