@@ -59,7 +59,7 @@ from bot.media.download import download
 from bot.media.sniff import JPEG
 from bot.media.storage import store_content_addressed
 from bot.settings import Settings
-from bot.store import ConversationStore, upgrade
+from bot.store import ConversationStore, NewTurn, upgrade
 
 T = TypeVar("T")
 STAGES = ("lookups", "fetch", "load_window", "build_messages", "record_turn")
@@ -120,7 +120,9 @@ class Bot:
             count_text_tokens=self.count_tokens,
         )
         marks.append(time.perf_counter())
-        await self.store.record_turn(conversation_id, question, ANSWER, question_discord_id=discord_id)
+        await self.store.record_turn(
+            conversation_id, NewTurn(question, ANSWER, question_discord_id=discord_id)
+        )
         marks.append(time.perf_counter())
         for stage, start, end in zip(STAGES, marks[:-1], marks[1:], strict=True):
             times.stages[stage].append(end - start)
@@ -135,7 +137,7 @@ async def prefill(bot: Bot, scopes: Sequence[ConversationScope], turns: int, sma
         for turn in range(turns):
             parts = (MediaPart(image), TextPart(f"question {turn}")) if turn % 5 == 0 else (TextPart("hi"),)
             question = ChatMessage(role="user", parts=parts)
-            await bot.store.record_turn(conversation_id, question, ANSWER, question_discord_id=None)
+            await bot.store.record_turn(conversation_id, NewTurn(question, ANSWER, question_discord_id=None))
 
 
 def fetch_breakdown(jpegs: Sequence[bytes], settings: Settings, media_dir: Path) -> tuple[list[tuple], float]:

@@ -22,7 +22,7 @@ from bot.engine import Engine, EngineRequest
 from bot.errors import EmptyQuestion, QueueFull, TooManyImages
 from bot.media import MediaFetcher
 from bot.settings import Settings
-from bot.store import ConversationStats, ConversationStore, ForgetResult, PurgeResult
+from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
 
 log = logging.getLogger("bot.answering")
 
@@ -239,9 +239,7 @@ class AnswerService:
             raise
         recorded = await self._store.record_turn(
             conversation_id,
-            user_message,
-            result.text,
-            question_discord_id=question.discord_message_id,
+            NewTurn(user_message, result.text, question_discord_id=question.discord_message_id),
         )
         log.info(
             "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",

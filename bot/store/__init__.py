@@ -2,6 +2,14 @@
 
 from bot.store.conversation_store import ConversationStore
 from bot.store.database import upgrade
-from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
+from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
 
-__all__ = ["ConversationStats", "ConversationStore", "ForgetResult", "PurgeResult", "RecordedTurn", "upgrade"]
+__all__ = [
+    "ConversationStats",
+    "ConversationStore",
+    "ForgetResult",
+    "NewTurn",
+    "PurgeResult",
+    "RecordedTurn",
+    "upgrade",
+]

@@ -24,7 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bot.content import ChatMessage, ConversationScope
 from bot.errors import StoreError
 from bot.store.database import create_engine_for
-from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
+from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
 from bot.store.sync_store import SyncStore
 
 T = TypeVar("T")
@@ -97,21 +97,9 @@ class ConversationStore:
         """The conversation that stores this Discord message (the oldest one, if several), or None."""
         return await self._run(lambda store: store.find_message_conversation(discord_message_id))
 
-    async def record_turn(
-        self,
-        conversation_id: int,
-        question: ChatMessage,
-        answer_text: str,
-        *,
-        question_discord_id: int | None,
-        answer_discord_id: int | None = None,
-    ) -> RecordedTurn:
+    async def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
         """Store a question, its media and its answer in one transaction; a repeated question adds nothing."""
-        return await self._run(
-            lambda store: store.record_turn(
-                conversation_id, question, answer_text, question_discord_id, answer_discord_id
-            )
-        )
+        return await self._run(lambda store: store.record_turn(conversation_id, turn))
 
     async def set_answer_discord_id(self, assistant_message_id: int, discord_message_id: int) -> bool:
         """Attach the Discord id of a sent answer; False when the message is gone (forgotten meanwhile)."""

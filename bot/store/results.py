@@ -1,8 +1,20 @@
-"""Small plain results of store operations (never ORM objects)."""
+"""Small plain data in and out of store operations (never ORM objects)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+from bot.content import ChatMessage
+
+
+@dataclass(frozen=True, slots=True)
+class NewTurn:
+    """A question and its answer, to be recorded together (`ConversationStore.record_turn`)."""
+
+    question: ChatMessage  # role "user", with its media parts
+    answer_text: str
+    question_discord_id: int | None = None  # a repeated id records nothing: Discord may deliver twice
+    answer_discord_id: int | None = None
 
 
 @dataclass(frozen=True, slots=True)

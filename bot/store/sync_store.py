@@ -22,7 +22,7 @@ from bot.media.storage import content_digest
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
 from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
-from bot.store.results import ConversationStats, ForgetResult, PurgeResult, RecordedTurn
+from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -88,14 +88,8 @@ class SyncStore:
             query = select(Message.conversation_id).where(Message.discord_message_id == discord_id)
             return session.scalar(query.order_by(Message.id).limit(1))
 
-    def record_turn(
-        self,
-        conversation_id: int,
-        question: ChatMessage,
-        answer_text: str,
-        question_discord_id: int | None,
-        answer_discord_id: int | None,
-    ) -> RecordedTurn:
+    def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
+        question, question_discord_id = turn.question, turn.question_discord_id
         if question.role != "user":
             raise ValueError(f"a turn's question must have the user role, not {question.role!r}")
         try:
@@ -104,9 +98,7 @@ class SyncStore:
                     existing = _recorded_turn(session, conversation_id, question_discord_id)
                     if existing is not None:
                         return existing
-                return self._insert_turn(
-                    session, conversation_id, question, answer_text, question_discord_id, answer_discord_id
-                )
+                return self._insert_turn(session, conversation_id, turn)
         except IntegrityError:
             # The same question recorded concurrently by another process: report the stored turn.
             if question_discord_id is not None:
@@ -120,11 +112,9 @@ class SyncStore:
         self,
         session: Session,
         conversation_id: int,
-        question: ChatMessage,
-        answer_text: str,
-        question_discord_id: int | None,
-        answer_discord_id: int | None,
+        turn: NewTurn,
     ) -> RecordedTurn:
+        question = turn.question
         conversation = session.get(Conversation, conversation_id)
         if conversation is None:
             raise LookupError(f"no conversation with id {conversation_id}")
@@ -136,15 +126,15 @@ class SyncStore:
             position=position,
             role="user",
             content=encode_parts(question.parts),
-            discord_message_id=question_discord_id,
+            discord_message_id=turn.question_discord_id,
             created_at=now,
         )
         assistant = Message(
             conversation_id=conversation_id,
             position=position + 1,
             role="assistant",
-            content=encode_parts((TextPart(answer_text),)),
-            discord_message_id=answer_discord_id,
+            content=encode_parts((TextPart(turn.answer_text),)),
+            discord_message_id=turn.answer_discord_id,
             created_at=now,
         )
         session.add_all([user, assistant])

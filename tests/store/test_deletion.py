@@ -7,7 +7,7 @@ from pathlib import Path
 
 from sqlalchemy import func, select, update
 
-from bot.store import ConversationStats, ConversationStore, ForgetResult, PurgeResult
+from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
 from bot.store.database import create_engine_for
 from bot.store.models import Media, Message, utcnow
 from tests.store.factories import question, scope, write_media
@@ -42,9 +42,9 @@ async def test_forget_deletes_only_files_nothing_else_uses(
     mine, shared, theirs = (write_media(media_dir, seed) for seed in (1, 2, 3))
     one = await store.conversation_for(scope(1))
     two = await store.conversation_for(scope(2))
-    await store.record_turn(one, question("a", mine, shared), "x", question_discord_id=1)
-    await store.record_turn(one, question("b", mine), "y", question_discord_id=2)
-    await store.record_turn(two, question("c", shared, theirs), "z", question_discord_id=3)
+    await store.record_turn(one, NewTurn(question("a", mine, shared), "x", question_discord_id=1))
+    await store.record_turn(one, NewTurn(question("b", mine), "y", question_discord_id=2))
+    await store.record_turn(two, NewTurn(question("c", shared, theirs), "z", question_discord_id=3))
 
     result = await store.forget(one)
 
@@ -58,11 +58,11 @@ async def test_forget_deletes_only_files_nothing_else_uses(
 
 async def test_forgotten_scope_starts_afresh(store: ConversationStore) -> None:
     conversation = await store.conversation_for(scope(1))
-    await store.record_turn(conversation, question("old"), "x", question_discord_id=1)
+    await store.record_turn(conversation, NewTurn(question("old"), "x", question_discord_id=1))
     await store.forget(conversation)
 
     again = await store.conversation_for(scope(1))
-    await store.record_turn(again, question("new"), "y", question_discord_id=2)
+    await store.record_turn(again, NewTurn(question("new"), "y", question_discord_id=2))
 
     assert [m.text for m in await store.load_window(again, 10)] == ["new", "y"]
     assert not await store.is_recorded(again, 1)
@@ -74,7 +74,7 @@ async def test_forgetting_a_parent_keeps_the_thread_and_its_files(
 ) -> None:
     image = write_media(media_dir, 1)
     parent = await store.conversation_for(scope(1))
-    await store.record_turn(parent, question("look", image), "seen", question_discord_id=10)
+    await store.record_turn(parent, NewTurn(question("look", image), "seen", question_discord_id=10))
     thread = await store.fork_thread(parent, 10, scope(1, thread_id=10), max_messages=40)
 
     assert await store.forget(parent) == ForgetResult(messages_deleted=2, media_deleted=0)
@@ -89,9 +89,9 @@ async def test_purge_deletes_old_turns_everywhere_and_orphaned_media(
     old_only, still_used = write_media(media_dir, 1), write_media(media_dir, 2)
     one = await store.conversation_for(scope(1))
     two = await store.conversation_for(scope(2))
-    await store.record_turn(one, question("old", old_only, still_used), "x", question_discord_id=1)
-    await store.record_turn(one, question("recent", still_used), "y", question_discord_id=2)
-    await store.record_turn(two, question("old elsewhere"), "z", question_discord_id=3)
+    await store.record_turn(one, NewTurn(question("old", old_only, still_used), "x", question_discord_id=1))
+    await store.record_turn(one, NewTurn(question("recent", still_used), "y", question_discord_id=2))
+    await store.record_turn(two, NewTurn(question("old elsewhere"), "z", question_discord_id=3))
     age_messages(database_url, one, positions=range(0, 2), days=40)
     age_messages(database_url, two, positions=range(0, 2), days=31)
 
@@ -109,7 +109,7 @@ async def test_purge_keeps_everything_newer_than_the_cutoff(
     store: ConversationStore, database_url: str
 ) -> None:
     conversation = await store.conversation_for(scope(1))
-    await store.record_turn(conversation, question("q"), "a", question_discord_id=1)
+    await store.record_turn(conversation, NewTurn(question("q"), "a", question_discord_id=1))
     age_messages(database_url, conversation, positions=range(0, 2), days=29)
 
     assert await store.purge_older_than(30) == PurgeResult(messages_deleted=0, media_deleted=0)
@@ -125,9 +125,9 @@ async def test_stats_counts_turns_images_and_videos(store: ConversationStore, me
     conversation = await store.conversation_for(scope(1))
     first, second = write_media(media_dir, 1), write_media(media_dir, 2)
     clip = write_media(media_dir, 3, kind="video")
-    await store.record_turn(conversation, question("a", first, second), "x", question_discord_id=1)
-    await store.record_turn(conversation, question("b", first, clip), "y", question_discord_id=2)
-    await store.record_turn(conversation, question("c"), "z", question_discord_id=3)
+    await store.record_turn(conversation, NewTurn(question("a", first, second), "x", question_discord_id=1))
+    await store.record_turn(conversation, NewTurn(question("b", first, clip), "y", question_discord_id=2))
+    await store.record_turn(conversation, NewTurn(question("c"), "z", question_discord_id=3))
 
     assert await store.stats(conversation) == ConversationStats(turns=3, images=3, videos=1)
     assert await store.stats(await store.conversation_for(scope(2))) == ConversationStats(0, 0, 0)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bot.content import ChatMessage, MediaPart, TextPart
-from bot.store import ConversationStore
+from bot.store import ConversationStore, NewTurn
 from tests.store.factories import question, scope, write_media
 
 
@@ -17,7 +17,9 @@ async def test_window_leaves_out_a_missing_file_and_keeps_the_text(
 ) -> None:
     kept, lost = write_media(media_dir, 1), write_media(media_dir, 2)
     conversation = await store.conversation_for(scope(1))
-    await store.record_turn(conversation, question("compare", kept, lost), "ok", question_discord_id=1)
+    await store.record_turn(
+        conversation, NewTurn(question("compare", kept, lost), "ok", question_discord_id=1)
+    )
     lost.path.unlink()
 
     with caplog.at_level(logging.WARNING, logger="bot.store"):
@@ -38,10 +40,10 @@ async def test_forget_racing_a_question_in_flight_leaves_no_dangling_image(
     picture = write_media(media_dir, 1)
     one = await store.conversation_for(scope(1))
     two = await store.conversation_for(scope(2))
-    await store.record_turn(one, question("first", picture), "a", question_discord_id=1)
+    await store.record_turn(one, NewTurn(question("first", picture), "a", question_discord_id=1))
 
     await store.forget(one)
-    await store.record_turn(two, question("second", picture), "b", question_discord_id=2)
+    await store.record_turn(two, NewTurn(question("second", picture), "b", question_discord_id=2))
 
     window = await store.load_window(two, 10)
     assert [message.text for message in window] == ["second", "b"]

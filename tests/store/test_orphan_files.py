@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.store import ConversationStore, PurgeResult, upgrade
+from bot.store import ConversationStore, NewTurn, PurgeResult, upgrade
 from tests.store.factories import question, scope, write_media
 
 TWO_HOURS = 2 * 3600
@@ -27,8 +27,8 @@ async def test_old_orphans_go_while_fresh_and_referenced_files_stay(
     old_orphan, fresh_orphan = write_media(media_dir, 1), write_media(media_dir, 2)
     mine, theirs = write_media(media_dir, 3), write_media(media_dir, 4)
     one, two = await store.conversation_for(scope(1)), await store.conversation_for(scope(2))
-    await store.record_turn(one, question("mine", mine), "x", question_discord_id=1)
-    await store.record_turn(two, question("theirs", theirs), "y", question_discord_id=2)
+    await store.record_turn(one, NewTurn(question("mine", mine), "x", question_discord_id=1))
+    await store.record_turn(two, NewTurn(question("theirs", theirs), "y", question_discord_id=2))
     for item in (old_orphan, mine, theirs):
         age(item.path, TWO_HOURS)
     age(fresh_orphan.path, 30 * 60)

@@ -8,7 +8,7 @@ import pytest
 from sqlalchemy import select
 
 from bot.content import MediaPart
-from bot.store import ConversationStore
+from bot.store import ConversationStore, NewTurn
 from bot.store.database import create_engine_for
 from bot.store.models import Conversation
 from tests.store.factories import question, scope, write_media
@@ -19,7 +19,8 @@ async def parent_with_turns(store: ConversationStore, turns: int) -> int:
     parent = await store.conversation_for(scope(1))
     for n in range(turns):
         await store.record_turn(
-            parent, question(f"q{n}"), f"a{n}", question_discord_id=100 + n, answer_discord_id=200 + n
+            parent,
+            NewTurn(question(f"q{n}"), f"a{n}", question_discord_id=100 + n, answer_discord_id=200 + n),
         )
     return parent
 
@@ -63,8 +64,8 @@ async def test_thread_and_parent_diverge_after_the_fork(store: ConversationStore
     parent = await parent_with_turns(store, 2)
     thread = await store.fork_thread(parent, 100, scope(1, thread_id=100), max_messages=40)
 
-    await store.record_turn(parent, question("parent later"), "p", question_discord_id=300)
-    await store.record_turn(thread, question("thread only"), "t", question_discord_id=301)
+    await store.record_turn(parent, NewTurn(question("parent later"), "p", question_discord_id=300))
+    await store.record_turn(thread, NewTurn(question("thread only"), "t", question_discord_id=301))
 
     assert texts(await store.load_window(thread, 40)) == ["q0", "a0", "thread only", "t"]
     assert texts(await store.load_window(parent, 40)) == ["q0", "a0", "q1", "a1", "parent later", "p"]
@@ -77,7 +78,7 @@ async def test_thread_and_parent_diverge_after_the_fork(store: ConversationStore
 async def test_fork_is_idempotent(store: ConversationStore) -> None:
     parent = await parent_with_turns(store, 2)
     thread = await store.fork_thread(parent, 100, scope(1, thread_id=100), max_messages=40)
-    await store.record_turn(thread, question("in thread"), "t", question_discord_id=400)
+    await store.record_turn(thread, NewTurn(question("in thread"), "t", question_discord_id=400))
 
     again = await store.fork_thread(parent, 101, scope(1, thread_id=100), max_messages=40)
 
@@ -109,7 +110,7 @@ async def test_thread_records_its_parent_and_fork_message(
 async def test_thread_copies_media_links(store: ConversationStore, media_dir: Path) -> None:
     parent = await store.conversation_for(scope(1))
     image = write_media(media_dir, 1)
-    await store.record_turn(parent, question("look", image), "seen", question_discord_id=100)
+    await store.record_turn(parent, NewTurn(question("look", image), "seen", question_discord_id=100))
 
     thread = await store.fork_thread(parent, 100, scope(1, thread_id=100), max_messages=40)
 

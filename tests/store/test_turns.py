@@ -11,7 +11,7 @@ from sqlalchemy import Engine, event, func, insert, select
 
 from bot.content import ChatMessage, ConversationScope, MediaPart, TextPart
 from bot.errors import StoreError
-from bot.store import ConversationStore, RecordedTurn
+from bot.store import ConversationStore, NewTurn, RecordedTurn
 from bot.store import sync_store as sync_store_module
 from bot.store.database import create_engine_for
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
@@ -30,7 +30,7 @@ def count_rows(database_url: str, model: type) -> int:
 
 async def record(store: ConversationStore, conversation_id: int, n: int, *, discord_id: int | None = None):
     return await store.record_turn(
-        conversation_id, question(f"q{n}"), f"a{n}", question_discord_id=discord_id or 1000 + n
+        conversation_id, NewTurn(question(f"q{n}"), f"a{n}", question_discord_id=discord_id or 1000 + n)
     )
 
 
@@ -87,7 +87,7 @@ async def test_record_turn_stores_question_media_and_answer(
     image = write_media(media_dir, 1)
 
     turn = await store.record_turn(
-        conversation, question("what is this?", image, image), "a square", question_discord_id=11
+        conversation, NewTurn(question("what is this?", image, image), "a square", question_discord_id=11)
     )
 
     assert not turn.duplicate
@@ -105,9 +105,11 @@ async def test_record_turn_stores_question_media_and_answer(
 
 async def test_same_question_id_is_recorded_once(store: ConversationStore, database_url: str) -> None:
     conversation = await store.conversation_for(scope(1))
-    first = await store.record_turn(conversation, question("hi"), "hello", question_discord_id=42)
+    first = await store.record_turn(conversation, NewTurn(question("hi"), "hello", question_discord_id=42))
 
-    again = await store.record_turn(conversation, question("hi"), "hello again", question_discord_id=42)
+    again = await store.record_turn(
+        conversation, NewTurn(question("hi"), "hello again", question_discord_id=42)
+    )
 
     assert again == RecordedTurn(first.user_message_id, first.assistant_message_id, duplicate=True)
     assert count_rows(database_url, Message) == 2
@@ -117,9 +119,9 @@ async def test_same_question_id_is_recorded_once(store: ConversationStore, datab
 async def test_same_question_id_in_another_conversation_is_a_new_turn(store: ConversationStore) -> None:
     one = await store.conversation_for(scope(1))
     two = await store.conversation_for(scope(2))
-    await store.record_turn(one, question("hi"), "hello", question_discord_id=42)
+    await store.record_turn(one, NewTurn(question("hi"), "hello", question_discord_id=42))
 
-    turn = await store.record_turn(two, question("hi"), "hello", question_discord_id=42)
+    turn = await store.record_turn(two, NewTurn(question("hi"), "hello", question_discord_id=42))
 
     assert not turn.duplicate
 
@@ -137,7 +139,7 @@ async def test_failed_turn_writes_nothing(
 
     with pytest.raises(RuntimeError, match="disk on fire"):
         await store.record_turn(
-            conversation, question("q", write_media(media_dir, 1)), "a", question_discord_id=5
+            conversation, NewTurn(question("q", write_media(media_dir, 1)), "a", question_discord_id=5)
         )
 
     assert count_rows(database_url, Message) == 0
@@ -183,7 +185,7 @@ async def test_window_brings_media_back_with_absolute_paths(
 ) -> None:
     conversation = await store.conversation_for(scope(1))
     image, video = write_media(media_dir, 1), write_media(media_dir, 2, kind="video")
-    await store.record_turn(conversation, question("two", image, video), "ok", question_discord_id=1)
+    await store.record_turn(conversation, NewTurn(question("two", image, video), "ok", question_discord_id=1))
 
     [asked, _] = await store.load_window(conversation, 2)
 
@@ -194,7 +196,9 @@ async def test_window_brings_media_back_with_absolute_paths(
 
 async def test_answers_are_stored_as_one_text_part(store: ConversationStore) -> None:
     conversation = await store.conversation_for(scope(1))
-    await store.record_turn(conversation, question("q"), "line one\nline two", question_discord_id=None)
+    await store.record_turn(
+        conversation, NewTurn(question("q"), "line one\nline two", question_discord_id=None)
+    )
 
     [_, answer] = await store.load_window(conversation, 2)
 
@@ -285,13 +289,13 @@ async def test_real_discord_snowflakes_round_trip(store: ConversationStore, data
     conversation = await store.conversation_for(big_scope)
 
     turn = await store.record_turn(
-        conversation, question("q"), "a", question_discord_id=asked, answer_discord_id=answered
+        conversation, NewTurn(question("q"), "a", question_discord_id=asked, answer_discord_id=answered)
     )
 
     assert await store.find_conversation(big_scope) == conversation
     assert await store.is_recorded(conversation, asked) and await store.is_recorded(conversation, answered)
     assert await store.find_message_conversation(answered) == conversation
-    again = await store.record_turn(conversation, question("q"), "a", question_discord_id=asked)
+    again = await store.record_turn(conversation, NewTurn(question("q"), "a", question_discord_id=asked))
     assert again == RecordedTurn(turn.user_message_id, turn.assistant_message_id, duplicate=True)
     engine = create_engine_for(database_url)
     try:
@@ -309,6 +313,6 @@ async def test_any_text_round_trips_through_the_json_content(store: Conversation
     asked = 'naïve “quotes” "double" \\ back\\slash, tab\t, emoji 🙂, CJK 漢字, RTL שלום, NUL \x00 end'
     answer = '{"not": ["json"]} \' ; DROP TABLE messages; --\n\u2028line separator'
 
-    await store.record_turn(conversation, question(asked), answer, question_discord_id=1)
+    await store.record_turn(conversation, NewTurn(question(asked), answer, question_discord_id=1))
 
     assert [m.text for m in await store.load_window(conversation, 2)] == [asked, answer]
