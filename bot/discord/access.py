@@ -15,7 +15,6 @@ from typing import Generic, TypeVar
 
 import discord
 
-from bot.discord.triggers import is_allowed
 from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.access")
@@ -135,3 +134,34 @@ class AccessPolicy:
     def _holds_allowed_role(self, member: discord.Member) -> bool:
         allowed_roles = self._settings.allowed_role_ids
         return not allowed_roles or any(role.id in allowed_roles for role in member.roles)
+
+
+def is_allowed(
+    settings: DiscordSettings,
+    *,
+    user: discord.User | discord.Member,
+    guild_id: int | None,
+    channel: discord.abc.Messageable | None,
+    channel_id: int,
+) -> bool:
+    """Whether the allow-lists let `user` talk to the bot here (an empty list allows everything).
+
+    A DM passes when DMs are allowed; `AccessPolicy` then checks guild membership where guild or role lists
+    are set."""
+    if settings.allowed_user_ids and user.id not in settings.allowed_user_ids:
+        return False
+    if guild_id is None:
+        return settings.allow_dms
+    if settings.allowed_guild_ids and guild_id not in settings.allowed_guild_ids:
+        return False
+    if settings.allowed_channel_ids:
+        channel_ids = {channel_id}
+        if isinstance(channel, discord.Thread) and channel.parent_id is not None:
+            channel_ids.add(channel.parent_id)
+        if channel_ids.isdisjoint(settings.allowed_channel_ids):
+            return False
+    if settings.allowed_role_ids:
+        roles = {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
+        if roles.isdisjoint(settings.allowed_role_ids):
+            return False
+    return True

@@ -16,7 +16,14 @@ from bot.answering import AnswerService, Question
 from bot.discord.access import AccessPolicy
 from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
 from bot.discord.replies import ChannelTarget
-from bot.discord.triggers import attachment_refs, bot_role_id, guild_id_of, scope_of, strip_mention
+from bot.discord.triggers import (
+    attachment_refs,
+    bot_role_id,
+    guild_id_of,
+    scope_of,
+    strip_mention,
+    trigger_of,
+)
 from bot.errors import InputError
 from bot.settings import DiscordSettings
 
@@ -66,35 +73,27 @@ class MessageHandler:
         ):
             return
         self._warn_if_content_missing(message)
-        role_id = bot_role_id(message)
-        mentioned = (
-            me.id in message.raw_mentions
-            or any(user.id == me.id for user in message.mentions)
-            or (role_id is not None and role_id in message.raw_role_mentions)  # "@Bot" picked as the role
-        )
         referenced = await self._referenced_message(message)
         scope = scope_of(channel, guild_id, message.channel.id)
-        in_bot_thread = (
-            scope.thread_id is not None
-            and self._settings.answer_in_bot_threads_without_mention
-            and (_opened_by(channel, me.id) or await self._service.has_conversation(scope))
+        trigger = await trigger_of(
+            message,
+            bot_id=me.id,
+            scope=scope,
+            channel=channel,
+            referenced=referenced,
+            threads_without_mention=self._settings.answer_in_bot_threads_without_mention,
+            has_conversation=self._service.has_conversation,
         )
-        triggered = (
-            mentioned
-            or (referenced is not None and referenced.author.id == me.id)
-            or in_bot_thread
-            or guild_id is None
-        )
-        if not triggered:
+        if trigger is None:
             return
 
         attachments = message.attachments or (referenced.attachments if referenced is not None else [])
         question = Question(
             scope=scope,
-            text=strip_mention(message.content, me.id, role_id),
+            text=strip_mention(message.content, me.id, bot_role_id(message)),
             attachments=attachment_refs(attachments),
             discord_message_id=message.id,
-            thread_origin=None if in_bot_thread else await thread_origin(self._service, scope),
+            thread_origin=None if trigger.in_bot_thread else await thread_origin(self._service, scope),
         )
         reply_channel: discord.abc.Messageable = channel
         reference: discord.Message | None = message
@@ -197,9 +196,3 @@ class MessageHandler:
             "a message for the bot arrived with no text and no attachments: if this repeats, switch on the "
             "MESSAGE CONTENT intent for this bot in the Discord Developer Portal"
         )
-
-
-def _opened_by(channel: discord.abc.Messageable, user_id: int) -> bool:
-    """Whether `channel` is a thread that `user_id` started (the bot's own threads are its conversations,
-    even before a first answer was stored there, e.g. after an attachment failed to download)."""
-    return isinstance(channel, discord.Thread) and channel.owner_id == user_id

@@ -1,15 +1,17 @@
-"""Small pure decisions about Discord objects: who may talk to the bot, which conversation, what was asked."""
+"""Small decisions about Discord messages: whether one is for the bot, which conversation, what was asked."""
 
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Literal
 
 import discord
 
 from bot.answering import AttachmentRef
 from bot.content import ConversationScope
-from bot.settings import DiscordSettings
 
 
 def guild_id_of(message: discord.Message) -> int | None:
@@ -60,32 +62,52 @@ def attachment_refs(attachments: list[discord.Attachment]) -> tuple[AttachmentRe
     )
 
 
-def is_allowed(
-    settings: DiscordSettings,
-    *,
-    user: discord.User | discord.Member,
-    guild_id: int | None,
-    channel: discord.abc.Messageable | None,
-    channel_id: int,
-) -> bool:
-    """Whether the allow-lists let `user` talk to the bot here (an empty list allows everything).
+@dataclass(frozen=True, slots=True)
+class Trigger:
+    """Why a message is for the bot."""
 
-    A DM passes when DMs are allowed; `AccessPolicy` then checks guild membership where guild or role lists
-    are set."""
-    if settings.allowed_user_ids and user.id not in settings.allowed_user_ids:
-        return False
-    if guild_id is None:
-        return settings.allow_dms
-    if settings.allowed_guild_ids and guild_id not in settings.allowed_guild_ids:
-        return False
-    if settings.allowed_channel_ids:
-        channel_ids = {channel_id}
-        if isinstance(channel, discord.Thread) and channel.parent_id is not None:
-            channel_ids.add(channel.parent_id)
-        if channel_ids.isdisjoint(settings.allowed_channel_ids):
-            return False
-    if settings.allowed_role_ids:
-        roles = {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
-        if roles.isdisjoint(settings.allowed_role_ids):
-            return False
-    return True
+    reason: Literal["mention", "reply", "bot thread", "dm"]
+    in_bot_thread: bool  # a thread the bot opened or talks in: its conversation goes on there, no fork
+
+
+async def trigger_of(
+    message: discord.Message,
+    *,
+    bot_id: int,
+    scope: ConversationScope,
+    channel: discord.abc.Messageable,
+    referenced: discord.Message | None,
+    threads_without_mention: bool,
+    has_conversation: Callable[[ConversationScope], Awaitable[bool]],
+) -> Trigger | None:
+    """Why `message` (already allowed, from a user) is for the bot, or None when it is not.
+
+    In order: it mentions the bot or the bot's managed role ("@Bot" picked as the role); it replies to one of
+    the bot's messages (`referenced`; a forward is no reply); it is in a thread the bot opened or talks in,
+    with `threads_without_mention`; it is a DM.
+    """
+    in_bot_thread = (
+        scope.thread_id is not None
+        and threads_without_mention
+        and (_opened_by(channel, bot_id) or await has_conversation(scope))
+    )
+    role_id = bot_role_id(message)
+    if (
+        bot_id in message.raw_mentions
+        or any(user.id == bot_id for user in message.mentions)
+        or (role_id is not None and role_id in message.raw_role_mentions)
+    ):
+        return Trigger("mention", in_bot_thread)
+    if referenced is not None and referenced.author.id == bot_id:
+        return Trigger("reply", in_bot_thread)
+    if in_bot_thread:
+        return Trigger("bot thread", in_bot_thread)
+    if scope.guild_id is None:
+        return Trigger("dm", in_bot_thread)
+    return None
+
+
+def _opened_by(channel: discord.abc.Messageable, user_id: int) -> bool:
+    """Whether `channel` is a thread that `user_id` started (the bot's own threads are its conversations,
+    even before a first answer was stored there, e.g. after an attachment failed to download)."""
+    return isinstance(channel, discord.Thread) and channel.owner_id == user_id
