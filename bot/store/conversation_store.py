@@ -93,10 +93,6 @@ class ConversationStore:
         """Whether a message with this Discord id is stored in the conversation."""
         return await self._run(lambda store: store.is_recorded(conversation_id, discord_message_id))
 
-    async def find_message_conversation(self, discord_message_id: int) -> int | None:
-        """The conversation that stores this Discord message (the oldest one, if several), or None."""
-        return await self._run(lambda store: store.find_message_conversation(discord_message_id))
-
     async def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
         """Store a question, its media and its answer in one transaction; a repeated question adds nothing."""
         return await self._run(lambda store: store.record_turn(conversation_id, turn))

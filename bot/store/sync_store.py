@@ -83,11 +83,6 @@ class SyncStore:
             )
             return session.scalar(select(exists(query))) or False
 
-    def find_message_conversation(self, discord_id: int) -> int | None:
-        with self._sessions() as session:
-            query = select(Message.conversation_id).where(Message.discord_message_id == discord_id)
-            return session.scalar(query.order_by(Message.id).limit(1))
-
     def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
         question, question_discord_id = turn.question, turn.question_discord_id
         if question.role != "user":

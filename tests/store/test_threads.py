@@ -71,8 +71,8 @@ async def test_thread_and_parent_diverge_after_the_fork(store: ConversationStore
     assert texts(await store.load_window(parent, 40)) == ["q0", "a0", "q1", "a1", "parent later", "p"]
     # Copies carry no Discord ids: the originals stay the parent's.
     assert not await store.is_recorded(thread, 100)
-    assert await store.find_message_conversation(100) == parent
-    assert await store.find_message_conversation(301) == thread
+    assert await store.is_recorded(parent, 100) and not await store.is_recorded(parent, 301)
+    assert await store.is_recorded(thread, 301)
 
 
 async def test_fork_is_idempotent(store: ConversationStore) -> None:

@@ -163,8 +163,10 @@ async def test_set_answer_discord_id(store: ConversationStore) -> None:
     assert not await store.set_answer_discord_id(999_999, 779)
 
     assert await store.is_recorded(conversation, 777)
-    assert await store.find_message_conversation(777) == conversation
-    assert await store.find_message_conversation(778) is None
+    assert not await store.is_recorded(conversation, 778)
+    # A thread started from that answer forks the conversation up to it.
+    thread = await store.fork_thread(conversation, 777, scope(1, thread_id=777), max_messages=10)
+    assert [m.text for m in await store.load_window(thread, 10)] == ["q1", "a1"]
 
 
 async def test_window_holds_the_newest_whole_turns_oldest_first(store: ConversationStore) -> None:
@@ -294,7 +296,7 @@ async def test_real_discord_snowflakes_round_trip(store: ConversationStore, data
 
     assert await store.find_conversation(big_scope) == conversation
     assert await store.is_recorded(conversation, asked) and await store.is_recorded(conversation, answered)
-    assert await store.find_message_conversation(answered) == conversation
+    assert not await store.is_recorded(conversation, answered + 1)
     again = await store.record_turn(conversation, NewTurn(question("q"), "a", question_discord_id=asked))
     assert again == RecordedTurn(turn.user_message_id, turn.assistant_message_id, duplicate=True)
     engine = create_engine_for(database_url)
