@@ -1,4 +1,9 @@
-"""The answering service end to end on the real stack: SQLite store, media checks, tiny Qwen2.5-VL engine."""
+"""The answering service end to end on the real stack: SQLite store, media checks, tiny Qwen2.5-VL engine.
+
+The service is wired here as `bot.app` wires it, with two thin wrappers handed to its constructor: the real
+engine behind a watcher that records each request (and can hold answers back), and the real media fetcher
+signalling each stored file. No test reaches into the service's private attributes.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,10 @@ import asyncio
 import io
 import sqlite3
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -21,10 +29,13 @@ from bot.answering import (
     ThreadOrigin,
     display_text,
 )
-from bot.app import purge_periodically, running_service
-from bot.content import ConversationScope
-from bot.engine import EngineRequest, GenerationResult, RequestHandle
+from bot.app import make_store, migrate, purge_periodically, running_service
+from bot.content import ConversationScope, StoredMedia
+from bot.engine import Engine, EngineRequest, EngineStats, GenerationResult, RequestHandle, create_engine
 from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
+from bot.media import MediaFetcher
+from bot.settings import Settings
+from bot.store import ConversationStore
 from tests.engine.media_files import write_mp4
 from tests.tiny_settings import tiny_settings
 
@@ -33,10 +44,96 @@ OTHER_CHANNEL = ConversationScope(platform="discord", guild_id=1, channel_id=20)
 THREAD = ConversationScope(platform="discord", guild_id=1, channel_id=10, thread_id=555)
 
 
+class WatchedEngine:
+    """The real engine, recording each request's messages; while `held` is set, answers wait for it."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.seen: list[list[dict]] = []
+        self.submitted = asyncio.Event()
+        self.held: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        await self.engine.start()
+
+    def submit(self, request: EngineRequest) -> RequestHandle | HeldHandle:
+        self.seen.append(request.messages)
+        handle = self.engine.submit(request)
+        self.submitted.set()
+        return handle if self.held is None else HeldHandle(handle, self.held)
+
+    def count_text_tokens(self, text: str) -> int:
+        return self.engine.count_text_tokens(text)
+
+    @property
+    def stats(self) -> EngineStats:
+        return self.engine.stats
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.engine.stop(grace)
+
+
+@dataclass
+class HeldHandle:
+    """A real request whose result is handed over only once `release` is set."""
+
+    handle: RequestHandle
+    release: asyncio.Event
+
+    async def result(self) -> GenerationResult:
+        await self.release.wait()
+        return await self.handle.result()
+
+    def cancel(self) -> bool:
+        return self.handle.cancel()
+
+
+class SignallingFetcher(MediaFetcher):
+    """The real media fetcher; `stored` is set each time a local file has been stored."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.stored = asyncio.Event()
+
+    async def store_file(self, path: Path) -> StoredMedia:
+        media = await super().store_file(path)
+        self.stored.set()
+        return media
+
+
+@dataclass
+class Wiring:
+    service: AnswerService
+    store: ConversationStore
+    media: SignallingFetcher
+    engine: WatchedEngine
+
+
+@asynccontextmanager
+async def wired(settings: Settings) -> AsyncIterator[Wiring]:
+    """The service on the real store, media fetcher and engine, as `bot.app.running_service` makes it."""
+    await asyncio.to_thread(migrate, settings.storage)
+    async with (
+        make_store(settings.storage) as store,
+        SignallingFetcher(settings.media, settings.storage.resolved_media_dir) as media,
+    ):
+        engine = WatchedEngine(create_engine(settings))
+        await engine.start()
+        try:
+            yield Wiring(AnswerService(settings, store, media, engine), store, media, engine)
+        finally:
+            await engine.stop()
+
+
 @pytest.fixture
-async def service(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[AnswerService]:
-    async with running_service(tiny_settings(tiny_model_dir, tmp_path / "data")) as answering:
-        yield answering
+async def wiring(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[Wiring]:
+    async with wired(tiny_settings(tiny_model_dir, tmp_path / "data")) as parts:
+        yield parts
+
+
+@pytest.fixture
+def service(wiring: Wiring) -> AnswerService:
+    return wiring.service
 
 
 @pytest.fixture
@@ -46,29 +143,14 @@ def photo(tmp_path: Path) -> Path:
     return path
 
 
-class SubmittedMessages:
-    """Records the `messages` each request carried, while the real engine answers it."""
-
-    def __init__(self, service: AnswerService, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.seen: list[list[dict]] = []
-        engine = service._engine
-        submit = engine.submit
-
-        def recording_submit(request: EngineRequest):
-            self.seen.append(request.messages)
-            return submit(request)
-
-        monkeypatch.setattr(engine, "submit", recording_submit)
-
-
 def _image_parts(messages: list[dict]) -> list[str]:
     return [part["image"] for message in messages for part in message["content"] if part["type"] == "image"]
 
 
 async def test_follow_up_without_image_still_sees_the_image(
-    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, photo: Path
 ) -> None:
-    spy = SubmittedMessages(service, monkeypatch)
+    spy = wiring.engine
     first = await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
     second = await service.answer(Question(scope=CHANNEL, text="and the colour?"))
     assert first.text and second.text and not first.duplicate
@@ -83,9 +165,9 @@ async def test_follow_up_without_image_still_sees_the_image(
 
 
 async def test_bare_image_gets_the_default_question(
-    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, photo: Path
 ) -> None:
-    spy = SubmittedMessages(service, monkeypatch)
+    spy = wiring.engine
     await service.answer(Question(scope=CHANNEL, text="  ", local_files=(photo,)))
     assert spy.seen[0][-1]["content"][-1] == {"type": "text", "text": "Describe this image."}
 
@@ -128,25 +210,25 @@ async def test_the_same_discord_message_twice_is_answered_once(service: AnswerSe
 
 
 async def test_thread_starts_from_the_parent_conversation_and_continues_alone(
-    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, photo: Path
 ) -> None:
     answer = await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
     await service.attach_reply(answer, 555)
     await service.answer(Question(scope=CHANNEL, text="later channel question"))
-    spy = SubmittedMessages(service, monkeypatch)
     origin = ThreadOrigin(parent_scope=CHANNEL, starter_message_id=555)
     await service.answer(Question(scope=THREAD, text="tell me more", thread_origin=origin))
-    texts = [part.get("text") for message in spy.seen[0] for part in message["content"]]
+    asked = wiring.engine.seen[-1]
+    texts = [part.get("text") for message in asked for part in message["content"]]
     assert "what is it?" in texts and "later channel question" not in texts
-    assert len(_image_parts(spy.seen[0])) == 1
+    assert len(_image_parts(asked)) == 1
     assert (await service.stats(THREAD)).turns == 2
     assert (await service.stats(CHANNEL)).turns == 2
 
 
 async def test_concurrent_questions_in_one_channel_are_answered_in_order(
-    service: AnswerService, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring
 ) -> None:
-    spy = SubmittedMessages(service, monkeypatch)
+    spy = wiring.engine
     positions: list[int] = []
     await asyncio.gather(
         service.answer(Question(scope=CHANNEL, text="first")),
@@ -170,8 +252,8 @@ async def test_history_survives_a_restart(tiny_model_dir: Path, tmp_path: Path, 
         assert (await second_run.stats(CHANNEL)).turns == 0
 
 
-async def test_engine_failure_stores_nothing(service: AnswerService) -> None:
-    await service._engine.stop()
+async def test_engine_failure_stores_nothing(service: AnswerService, wiring: Wiring) -> None:
+    await wiring.engine.stop()
     with pytest.raises(EngineStopped) as stopped:
         await service.answer(Question(scope=CHANNEL, text="hello"))
     assert stopped.value.user_message
@@ -219,15 +301,20 @@ async def slow_image_url() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def loopback_service(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[AnswerService]:
+async def loopback(tiny_model_dir: Path, tmp_path: Path) -> AsyncIterator[Wiring]:
     settings = tiny_settings(
         tiny_model_dir,
         tmp_path / "data",
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
         engine={"max_queue_size": 2},
     )
-    async with running_service(settings) as answering:
-        yield answering
+    async with wired(settings) as parts:
+        yield parts
+
+
+@pytest.fixture
+def loopback_service(loopback: Wiring) -> AnswerService:
+    return loopback.service
 
 
 def _slow_question(url: str, text: str, message_id: int) -> Question:
@@ -240,9 +327,9 @@ def _slow_question(url: str, text: str, message_id: int) -> Question:
 
 
 async def test_a_slow_download_is_not_overtaken_in_its_conversation(
-    loopback_service: AnswerService, slow_image_url: str, monkeypatch: pytest.MonkeyPatch
+    loopback_service: AnswerService, loopback: Wiring, slow_image_url: str
 ) -> None:
-    spy = SubmittedMessages(loopback_service, monkeypatch)
+    spy = loopback.engine
     first = asyncio.create_task(loopback_service.answer(_slow_question(slow_image_url, "first", 1)))
     await asyncio.sleep(0.2)
     await loopback_service.answer(Question(scope=CHANNEL, text="second", discord_message_id=2))
@@ -278,10 +365,10 @@ async def test_a_flooded_conversation_is_told_to_retry(
 
 
 async def test_a_video_is_answered_and_its_follow_up_still_sees_it(
-    service: AnswerService, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, tmp_path: Path
 ) -> None:
     video = write_mp4(tmp_path / "clip.mp4")
-    spy = SubmittedMessages(service, monkeypatch)
+    spy = wiring.engine
     first = await service.answer(Question(scope=CHANNEL, text="", local_files=(video,)))
     await service.answer(Question(scope=CHANNEL, text="what happens next?"))
     assert first.text
@@ -293,37 +380,16 @@ async def test_a_video_is_answered_and_its_follow_up_still_sees_it(
 
 
 async def test_a_reset_elsewhere_keeps_the_files_of_questions_in_flight(
-    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, photo: Path
 ) -> None:
     await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
-    engine = service._engine
-    submit = engine.submit
-    submitted, release = asyncio.Event(), asyncio.Event()
-
-    class HeldHandle:
-        """The real request, whose result is handed over only once the test releases it."""
-
-        def __init__(self, handle: RequestHandle) -> None:
-            self._handle = handle
-
-        async def result(self) -> GenerationResult:
-            await release.wait()
-            return await self._handle.result()
-
-        def cancel(self) -> bool:
-            return self._handle.cancel()
-
-    def held_submit(request: EngineRequest) -> HeldHandle:
-        handle = HeldHandle(submit(request))
-        submitted.set()
-        return handle
-
-    monkeypatch.setattr(engine, "submit", held_submit)
+    release = wiring.engine.held = asyncio.Event()
+    wiring.engine.submitted.clear()
     # The same picture in another channel: its question is in flight when the first channel is reset.
     in_flight = asyncio.create_task(
         service.answer(Question(scope=OTHER_CHANNEL, text="and here?", local_files=(photo,)))
     )
-    await submitted.wait()
+    await wiring.engine.submitted.wait()
     forgotten = await service.reset(CHANNEL)
     assert forgotten.messages_deleted == 2
     release.set()
@@ -331,35 +397,32 @@ async def test_a_reset_elsewhere_keeps_the_files_of_questions_in_flight(
     assert answer.assistant_message_id is not None
     stats = await service.stats(OTHER_CHANNEL)
     assert (stats.turns, stats.images) == (1, 1)
-    window = await service._store.load_window(await service._store.find_conversation(OTHER_CHANNEL), 10)
+    window = await wiring.store.load_window(await wiring.store.conversation_for(OTHER_CHANNEL), 10)
     (stored,) = window[0].media
     assert stored.path.is_file()
 
 
 async def test_a_reset_elsewhere_keeps_the_files_of_questions_waiting_for_their_turn(
-    service: AnswerService, photo: Path, monkeypatch: pytest.MonkeyPatch
+    service: AnswerService, wiring: Wiring, photo: Path
 ) -> None:
     await service.answer(Question(scope=CHANNEL, text="what is it?", local_files=(photo,)))
-    store_file = service._media.store_file
-    stored = asyncio.Event()
-
-    async def signalling_store_file(path: Path):
-        media = await store_file(path)
-        stored.set()
-        return media
-
-    monkeypatch.setattr(service._media, "store_file", signalling_store_file)
-    # An answer in progress in the other channel: the next question there has its picture downloaded (the
-    # first channel's file, reused) but waits for its turn while the first channel is reset.
-    async with service._conversation_locks.hold(OTHER_CHANNEL.key):
-        waiting = asyncio.create_task(
-            service.answer(Question(scope=OTHER_CHANNEL, text="and here?", local_files=(photo,)))
-        )
-        await stored.wait()
-        forgotten = await service.reset(CHANNEL)
-        assert forgotten.messages_deleted == 2
+    # An answer in progress in the other channel, held back: the next question there has its picture
+    # downloaded (the first channel's file, reused) but waits for its turn while the first channel is reset.
+    release = wiring.engine.held = asyncio.Event()
+    wiring.engine.submitted.clear()
+    in_progress = asyncio.create_task(service.answer(Question(scope=OTHER_CHANNEL, text="first here")))
+    await wiring.engine.submitted.wait()
+    wiring.media.stored.clear()
+    waiting = asyncio.create_task(
+        service.answer(Question(scope=OTHER_CHANNEL, text="and here?", local_files=(photo,)))
+    )
+    await wiring.media.stored.wait()
+    forgotten = await service.reset(CHANNEL)
+    assert forgotten.messages_deleted == 2
+    release.set()
+    await in_progress
     answer = await waiting
     assert answer.assistant_message_id is not None
-    window = await service._store.load_window(await service._store.find_conversation(OTHER_CHANNEL), 10)
-    (kept,) = window[0].media
+    window = await wiring.store.load_window(await wiring.store.conversation_for(OTHER_CHANNEL), 10)
+    (kept,) = window[-2].media
     assert kept.path.is_file()
