@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from bot.content import ChatMessage, MediaPart, StoredMedia, TextPart
+from bot.engine.api import QwenMessage, QwenPart
 from bot.engine.budget import MESSAGE_OVERHEAD_TOKENS, image_tokens, video_tokens
 from bot.settings import GenerationSettings, HistorySettings, VisionSettings
 
@@ -28,7 +29,7 @@ def estimate_media_tokens(media: StoredMedia, vision: VisionSettings) -> int:
     return image_tokens(min(max(media.width * media.height, vision.min_pixels), vision.max_pixels))
 
 
-def _media_part(media: StoredMedia, vision: VisionSettings) -> dict[str, object]:
+def _media_part(media: StoredMedia, vision: VisionSettings) -> QwenPart:
     if media.kind == "video":
         return {
             "type": "video",
@@ -40,8 +41,8 @@ def _media_part(media: StoredMedia, vision: VisionSettings) -> dict[str, object]
     return {"type": "image", "image": str(media.path)}
 
 
-def _to_qwen(message: ChatMessage, kept_media: set[int], vision: VisionSettings) -> dict[str, object]:
-    content: list[dict[str, object]] = []
+def _to_qwen(message: ChatMessage, kept_media: set[int], vision: VisionSettings) -> QwenMessage:
+    content: list[QwenPart] = []
     for part in message.parts:
         if isinstance(part, TextPart):
             content.append({"type": "text", "text": part.text})
@@ -71,7 +72,7 @@ def build_messages(
     history_settings: HistorySettings,
     generation: GenerationSettings,
     count_text_tokens: TextTokenCounter,
-) -> list[dict[str, object]]:
+) -> list[QwenMessage]:
     """The Qwen `messages` list for `question` after `history` (oldest first), within budget."""
 
     def message_tokens(message: ChatMessage, with_media: bool) -> int:

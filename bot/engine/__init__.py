@@ -1,7 +1,16 @@
 """Inference backends behind one protocol (`bot.engine.api`); only `bot.engine.worker` and what it
 loads import torch, and only when the in-process engine is chosen."""
 
-from bot.engine.api import Engine, EngineRequest, EngineStats, GenerationResult, RequestHandle, generate
+from bot.engine.api import (
+    Engine,
+    EngineRequest,
+    EngineStats,
+    GenerationResult,
+    QwenMessage,
+    QwenPart,
+    RequestHandle,
+    generate,
+)
 from bot.settings import Settings
 
 
@@ -21,6 +30,8 @@ __all__ = [
     "EngineRequest",
     "EngineStats",
     "GenerationResult",
+    "QwenMessage",
+    "QwenPart",
     "RequestHandle",
     "create_engine",
     "generate",

@@ -11,17 +11,49 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, NotRequired, Protocol, TypedDict
+
+from bot.content import Role
 
 if TYPE_CHECKING:
     from bot.engine.scheduler import ScheduledRequest
+
+
+class QwenTextPart(TypedDict):
+    type: Literal["text"]
+    text: str
+
+
+class QwenImagePart(TypedDict):
+    type: Literal["image"]
+    image: str  # a local file; nothing in the engines downloads
+    min_pixels: NotRequired[int]  # absent: `vision.min_pixels` / `max_pixels`
+    max_pixels: NotRequired[int]
+
+
+class QwenVideoPart(TypedDict):
+    type: Literal["video"]
+    video: str  # a local file
+    max_frames: NotRequired[int]
+    fps: NotRequired[float]
+    max_pixels: NotRequired[int]  # per frame
+
+
+QwenPart = QwenTextPart | QwenImagePart | QwenVideoPart
+
+
+class QwenMessage(TypedDict):
+    """One entry of the `messages` list Qwen2.5-VL's chat template and `qwen_vl_utils` take."""
+
+    role: Role
+    content: str | list[QwenPart]
 
 
 @dataclass(frozen=True, slots=True)
 class EngineRequest:
     """One question for the model. Both callbacks are called on the event loop thread."""
 
-    messages: list[dict]  # the Qwen `messages` list; media parts name local files
+    messages: list[QwenMessage]
     conversation_key: str
     generate_kwargs: dict[str, object] | None = None  # None: `settings.generation.generate_kwargs()`
     on_text: Callable[[str], None] | None = None  # each new piece of the answer, in order
@@ -108,7 +140,7 @@ class Engine(Protocol):
 
 async def generate(
     engine: Engine,
-    messages: list[dict],
+    messages: list[QwenMessage],
     *,
     conversation_key: str,
     generate_kwargs: dict[str, object] | None = None,

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from bot.settings import VisionSettings
+
+if TYPE_CHECKING:
+    from bot.engine.api import QwenMessage
 
 IMAGE_FACTOR = 28  # a 14-pixel patch, merged 2x2: image sides are multiples of 28
 PATCH_PIXELS = IMAGE_FACTOR * IMAGE_FACTOR  # one visual token covers a 28x28 patch after merging
@@ -56,21 +60,20 @@ def smart_resize(height: int, width: int, *, min_pixels: int, max_pixels: int) -
     return new_height, new_width
 
 
-def estimate_prompt_tokens(messages: Sequence[dict], vision: VisionSettings) -> int:
+def estimate_prompt_tokens(messages: Sequence[QwenMessage], vision: VisionSettings) -> int:
     """A cheap upper-bound guess of a Qwen `messages` list's length: text, each image's pixel budget."""
     tokens = 0
     for message in messages:
         tokens += MESSAGE_OVERHEAD_TOKENS
-        content = message.get("content")
+        content = message["content"]
         if isinstance(content, str):
             tokens += estimate_text_tokens(content)
             continue
-        for part in content or ():
-            kind = part.get("type")
-            if kind == "text":
-                tokens += estimate_text_tokens(part.get("text", ""))
-            elif kind == "image":
-                tokens += image_tokens(int(part.get("max_pixels", vision.max_pixels)))
-            elif kind == "video":
-                tokens += video_tokens(int(part.get("max_pixels", vision.video_max_pixels)), vision)
+        for part in content:
+            if part["type"] == "text":
+                tokens += estimate_text_tokens(part["text"])
+            elif part["type"] == "image":
+                tokens += image_tokens(part.get("max_pixels", vision.max_pixels))
+            else:
+                tokens += video_tokens(part.get("max_pixels", vision.video_max_pixels), vision)
     return tokens

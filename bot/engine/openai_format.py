@@ -15,11 +15,12 @@ import struct
 import threading
 import zlib
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from PIL import Image
 
+from bot.engine.api import QwenMessage, QwenPart
 from bot.engine.budget import smart_resize
 from bot.errors import VideoNotSupported
 from bot.settings import VisionSettings
@@ -96,7 +97,11 @@ def video_data_url(path: Path) -> str:
 
 
 def to_openai_messages(
-    messages: list[dict], vision: VisionSettings, *, accepts_video: bool, cache: ImageUrlCache | None = None
+    messages: Sequence[QwenMessage],
+    vision: VisionSettings,
+    *,
+    accepts_video: bool,
+    cache: ImageUrlCache | None = None,
 ) -> list[dict[str, object]]:
     """The OpenAI chat form of a Qwen `messages` list.
 
@@ -111,7 +116,7 @@ def to_openai_messages(
             converted.append({"role": message["role"], "content": content})
             continue
         if message["role"] != "user":
-            text = "".join(part.get("text", "") for part in content if part.get("type") == "text")
+            text = "".join(part["text"] for part in content if part["type"] == "text")
             converted.append({"role": message["role"], "content": text})
             continue
         newest = index == len(messages) - 1
@@ -121,23 +126,22 @@ def to_openai_messages(
 
 
 def _part(
-    part: dict, vision: VisionSettings, cache: ImageUrlCache | None, *, accepts_video: bool, newest: bool
+    part: QwenPart, vision: VisionSettings, cache: ImageUrlCache | None, *, accepts_video: bool, newest: bool
 ) -> dict[str, object] | None:
-    kind = part.get("type")
-    if kind == "image":
+    if part["type"] == "image":
         path = Path(part["image"])
-        max_pixels = int(part.get("max_pixels", vision.max_pixels))
-        min_pixels = int(part.get("min_pixels", min(vision.min_pixels, max_pixels)))
+        max_pixels = part.get("max_pixels", vision.max_pixels)
+        min_pixels = part.get("min_pixels", min(vision.min_pixels, max_pixels))
 
         def make() -> str:
             return image_data_url(path, min_pixels=min_pixels, max_pixels=max_pixels)
 
         url = make() if cache is None else cache.get((str(path), min_pixels, max_pixels), make)
         return {"type": "image_url", "image_url": {"url": url}}
-    if kind == "video":
+    if part["type"] == "video":
         if accepts_video:
             return {"type": "video_url", "video_url": {"url": video_data_url(Path(part["video"]))}}
         if newest:
             raise VideoNotSupported("server.accepts_video is false")
         return None
-    return {"type": "text", "text": part.get("text", "")}
+    return {"type": "text", "text": part["text"]}

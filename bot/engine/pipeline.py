@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +31,7 @@ _IMAGE_SETTINGS = ("min_pixels", "max_pixels", "resized_height", "resized_width"
 class PipelineRequest:
     """One conversation to answer."""
 
-    messages: list[dict]  # Qwen messages list (roles, content part lists)
+    messages: Sequence[Mapping[str, Any]]  # a Qwen messages list (`QwenMessage`s, or with in-memory images)
     generate_kwargs: dict[str, object]  # options for generate(); batch only requests with equal kwargs
     # Called on the worker thread with each new text delta; whatever it raises aborts the whole generate call.
     on_text: Callable[[str], None] | None = None
@@ -188,7 +188,7 @@ class Pipeline:
             ids.pop()
         return ids
 
-    def _with_pixel_limits(self, messages: list[dict], pixel_scale: float) -> list[dict]:
+    def _with_pixel_limits(self, messages: Sequence[Mapping[str, Any]], pixel_scale: float) -> list[dict]:
         """A copy of `messages` whose vision parts are local files carrying their pixel limits."""
         max_pixels = max(int(self.max_pixels * pixel_scale), 1)
         min_pixels = min(self.min_pixels, max_pixels)
