@@ -194,3 +194,35 @@ def test_count_text_tokens(pipeline: Pipeline) -> None:
     assert pipeline.count_text_tokens(text) == len(pipeline.processor.tokenizer(text)["input_ids"])
     assert pipeline.count_text_tokens("") == 0
     assert pipeline.count_text_tokens(text + text) > pipeline.count_text_tokens(text)
+
+
+def test_streaming_decodes_incrementally_and_holds_back_half_characters(pipeline: Pipeline) -> None:
+    import torch
+
+    from bot.engine.pipeline import _BatchStreamer
+
+    tokenizer = pipeline.processor.tokenizer
+    text = "Ein Bär 🐻 sagt: 你好, привет — ok."
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) > len(text) // 2, "byte-level pieces: some characters span several tokens"
+    decodes: list[int] = []
+    decode = tokenizer.decode
+
+    def counting_decode(window: list[int], **options: Any) -> str:
+        decodes.append(len(window))
+        return decode(window, **options)
+
+    tokenizer.decode = counting_decode
+    deltas: list[str] = []
+    try:
+        streamer = _BatchStreamer(tokenizer, [deltas.append], frozenset({-1}))
+        streamer.put(torch.tensor([[0]]))  # the prompt, skipped
+        for token_id in ids:
+            streamer.put(torch.tensor([token_id]))
+        streamer.end()
+    finally:
+        del tokenizer.decode
+
+    assert "".join(deltas) == text
+    assert not any("\ufffd" in delta for delta in deltas), "a character is sent whole, never in halves"
+    assert max(decodes) <= 8, "each step decodes a small window, not the whole answer"
