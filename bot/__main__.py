@@ -12,6 +12,7 @@ from pathlib import Path
 from pydantic import SecretStr
 
 from bot.errors import BotError, ConfigError
+from bot.logs import configure_logging
 from bot.settings import Settings, discord_token, load_settings
 
 DEFAULT_CONFIG = Path("config.toml")
@@ -141,12 +142,7 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the config and run the command; return the exit status."""
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
-    )
-    for noisy in ("discord.http", "alembic.runtime.plugins"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(verbose=args.verbose)
     try:
         settings = load_settings(_settings_path(args.config))
         return _dispatch(args, settings)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +27,8 @@ from bot.settings import Settings
 from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
 
 log = logging.getLogger("bot.answering")
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds surrogates only when they are unpaired
 
 DEFAULT_IMAGE_QUESTION = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
@@ -191,7 +195,9 @@ class AnswerService:
         outcomes = await asyncio.gather(
             *(self._hold(self._media.store_file(path), held) for path in question.local_files),
             *(
-                self._hold(self._media.fetch(ref.url, announced_size=ref.size), held)
+                self._hold(
+                    self._media.fetch(ref.url, announced_size=ref.size, announced_type=ref.content_type), held
+                )
                 for ref in question.attachments
             ),
             return_exceptions=True,
@@ -258,7 +264,7 @@ class AnswerService:
     def check(self, question: Question) -> None:
         """Raise the InputError `question` would meet, before any work is done for it."""
         media_count = len(question.attachments) + len(question.local_files)
-        if not question.text.strip() and media_count == 0:
+        if not visible_text(question.text) and media_count == 0:
             raise EmptyQuestion()
         limit = self._settings.vision.max_images_per_message
         if media_count > limit:
@@ -319,8 +325,20 @@ def display_text(model_output: str) -> str:
     return model_output.strip() or EMPTY_ANSWER_TEXT
 
 
+def clean_text(text: str) -> str:
+    """`text` as the model may take it: lone surrogates (invalid Unicode: the tokenizer refuses them)
+    replaced by U+FFFD, surrounding whitespace removed."""
+    return _LONE_SURROGATE.sub("\ufffd", text).strip()
+
+
+def visible_text(text: str) -> str:
+    """`text` cleaned, without invisible format characters (zero-width spaces and joiners, BOM): empty when
+    nothing in it could be read as a question."""
+    return "".join(char for char in clean_text(text) if unicodedata.category(char) != "Cf").strip()
+
+
 def _user_message(question: Question, media: list[StoredMedia]) -> ChatMessage:
-    text = question.text.strip()
+    text = clean_text(question.text) if visible_text(question.text) else ""
     if not text:
         only_video = all(item.kind == "video" for item in media)
         text = DEFAULT_VIDEO_QUESTION if only_video else DEFAULT_IMAGE_QUESTION

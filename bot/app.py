@@ -18,11 +18,11 @@ log = logging.getLogger("bot.app")
 
 
 def migrate(storage: StorageSettings) -> None:
-    """Create the data directories and bring the database to the latest schema (blocking)."""
+    """Create the data directories (owner-only) and bring the database to the latest schema (blocking)."""
     directories = (("storage.data_dir", storage.data_dir), ("storage.media_dir", storage.resolved_media_dir))
     for key, path in directories:
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"{key}: cannot create {path}: {exc.strerror}") from None
     upgrade(storage.resolved_database_url, busy_timeout_ms=storage.sqlite_busy_timeout_ms)

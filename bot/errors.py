@@ -6,6 +6,7 @@ BotError                      base; `user_message` is safe to show on Discord
 │   ├── HostNotAllowed        the URL (or a redirect) points off the allow-list
 │   ├── TooLarge              announced or streamed bytes over the cap
 │   ├── TooManyPixels         decoded size over the pixel cap (decompression bombs)
+│   ├── TooElongated          an image more than 200 times wider than tall (or taller than wide)
 │   ├── UnsupportedMediaType  the bytes are not an image or video we read
 │   ├── CorruptMedia          looks like an image but does not decode
 │   ├── Unreachable           404/403/410, connection refused, DNS
@@ -58,10 +59,11 @@ class HostNotAllowed(MediaError):
 
 
 class TooLarge(MediaError):
-    user_message = "That file is too large for me to process. Please send a smaller image (under {limit})."
+    user_message = "That file is too large for me to process. Please send a smaller {kind} (under {limit})."
 
-    def __init__(self, detail: str = "", *, limit_bytes: int) -> None:
-        super().__init__(detail, user_message=self.user_message.format(limit=format_bytes(limit_bytes)))
+    def __init__(self, detail: str = "", *, limit_bytes: int, kind: str = "image") -> None:
+        message = self.user_message.format(kind=kind, limit=format_bytes(limit_bytes))
+        super().__init__(detail, user_message=message)
         self.limit_bytes = limit_bytes
 
 
@@ -77,6 +79,13 @@ class TooManyPixels(MediaError):
         )
 
 
+class TooElongated(MediaError):
+    user_message = (
+        "That image is too long and thin for me to look at (more than 200 times wider than tall, or the "
+        "other way round). Please crop it or send it in parts."
+    )
+
+
 class UnsupportedMediaType(MediaError):
     user_message = (
         "That attachment isn't an image I can read. Please send a PNG, JPEG, WebP or GIF "
@@ -86,6 +95,7 @@ class UnsupportedMediaType(MediaError):
 
 class CorruptMedia(MediaError):
     user_message = "That image looks damaged and I couldn't open it. Could you re-upload it or send another?"
+    video_message = "That video looks damaged and I couldn't open it. Could you re-upload it or send another?"
 
 
 class Unreachable(MediaError):

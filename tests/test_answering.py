@@ -180,10 +180,23 @@ async def test_channels_never_share_history(service: AnswerService, photo: Path)
     assert (other.turns, other.images) == (1, 0)
 
 
+async def test_invalid_unicode_is_cleaned_before_the_tokenizer(
+    service: AnswerService, wiring: Wiring
+) -> None:
+    answer = await service.answer(Question(scope=CHANNEL, text="broken \ud83d here"))  # half an emoji
+    assert answer.text and answer.assistant_message_id is not None
+    asked = wiring.engine.seen[-1][-1]["content"][-1]
+    assert asked == {"type": "text", "text": "broken \ufffd here"}
+    (stored, _answer) = await wiring.store.load_window(await wiring.store.conversation_for(CHANNEL), 2)
+    assert stored.text == "broken \ufffd here"
+
+
 async def test_empty_question_and_too_many_images_store_nothing(service: AnswerService, photo: Path) -> None:
     with pytest.raises(EmptyQuestion) as empty:
         await service.answer(Question(scope=CHANNEL, text="   "))
     assert "ask me something" in empty.value.user_message
+    with pytest.raises(EmptyQuestion):  # only invisible characters: zero-width space, joiner, BOM
+        await service.answer(Question(scope=CHANNEL, text=" \u200b\u200d\ufeff "))
     with pytest.raises(TooManyImages) as too_many:
         await service.answer(Question(scope=CHANNEL, text="all", local_files=(photo, photo, photo)))
     assert "up to 2" in too_many.value.user_message

@@ -46,6 +46,31 @@ def test_db_upgrade_creates_the_schema(tmp_path: Path, tiny_model_dir: Path) -> 
     assert {"conversations", "messages", "alembic_version"} <= tables
 
 
+def test_data_files_are_readable_by_the_bots_user_only(tmp_path: Path, tiny_model_dir: Path) -> None:
+    config = str(_config(tmp_path, tiny_model_dir))
+    data = tmp_path / "data"
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    photo = tmp_path / "photo.png"
+    Image.new("RGB", (64, 48), "blue").save(photo)
+    assert main(["--config", config, "chat", "--image", str(photo), "What is this?"]) == 0
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert mode(data) == 0o700 and mode(data / "media") == 0o700
+    database_files = list(data.glob("bot.sqlite3*"))
+    assert data / "bot.sqlite3" in database_files
+    assert all(mode(path) == 0o600 for path in database_files), [
+        (p.name, oct(mode(p))) for p in database_files
+    ]
+    media = [path for path in (data / "media").rglob("*")]
+    assert media and all(mode(path) == (0o700 if path.is_dir() else 0o600) for path in media)
+
+    (data / "bot.sqlite3").chmod(0o644)  # a database from an earlier version
+    assert main(["--config", config, "db", "upgrade"]) == 0
+    assert mode(data / "bot.sqlite3") == 0o600
+
+
 def test_chat_answers_and_remembers(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -23,7 +23,8 @@ from dataclasses import dataclass
 
 from PIL import GifImagePlugin, Image, ImageFile, ImageOps, JpegImagePlugin, PngImagePlugin, WebPImagePlugin
 
-from bot.errors import CorruptMedia, MediaError, TooManyPixels, UnsupportedMediaType
+from bot.engine.budget import MAX_ASPECT_RATIO
+from bot.errors import CorruptMedia, MediaError, TooElongated, TooManyPixels, UnsupportedMediaType
 from bot.media.sniff import GIF, JPEG, PNG, WEBP, MediaType
 
 _OPENERS: dict[MediaType, type[ImageFile.ImageFile]] = {
@@ -109,9 +110,11 @@ def probe_video(data: bytes, max_pixels: int) -> tuple[int, int]:
     except MediaError:
         raise
     except Exception as exc:  # PyAV raises FFmpeg errors and plain OSError/ValueError for bad input
-        raise CorruptMedia(f"video does not open: {exc!r}") from None
+        raise CorruptMedia(f"video does not open: {exc!r}", user_message=CorruptMedia.video_message) from None
     if width <= 0 or height <= 0:
-        raise CorruptMedia(f"video stream reports a {width}x{height} frame")
+        raise CorruptMedia(
+            f"video stream reports a {width}x{height} frame", user_message=CorruptMedia.video_message
+        )
     if width * height > max_pixels:
         raise TooManyPixels(f"{width}x{height} video", pixels=width * height, limit=max_pixels)
     return width, height
@@ -128,6 +131,8 @@ def _checked_size(image: Image.Image, limit: int) -> tuple[int, int]:
     width, height = image.size
     if width * height > limit:
         raise TooManyPixels(f"{width}x{height} image", pixels=width * height, limit=limit)
+    if max(width, height) > MAX_ASPECT_RATIO * max(min(width, height), 1):
+        raise TooElongated(f"{width}x{height} image")  # the model's resize rule refuses it
     return width, height
 
 

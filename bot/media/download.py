@@ -10,8 +10,8 @@ failures.
                       at once; 5xx, refused or reset connections after retries
     DownloadTimeout   connect or total timeout, after retries
 
-Before the first bytes are sniffed the larger of the image and video caps applies; from then on the cap of
-the sniffed kind.
+Before the first bytes are sniffed the cap of the kind Discord announced applies (the larger of the image and
+video caps when it announced neither); from then on the cap of the sniffed kind.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from bot.content import MediaKind
 from bot.errors import (
     DownloadTimeout,
     HostNotAllowed,
@@ -62,11 +63,23 @@ def redact(url: str | URL) -> str:
         return "<unparseable URL>"
 
 
-def byte_cap(settings: MediaSettings, media_type: MediaType | None) -> int:
-    """The byte cap for a media type; the larger cap while the type is still unknown."""
-    if media_type is None:
+def byte_cap(settings: MediaSettings, kind: MediaKind | None) -> int:
+    """The byte cap for "image" or "video"; the larger cap while the kind is still unknown."""
+    if kind is None:
         return max(settings.max_bytes, settings.max_video_bytes)
-    return settings.max_video_bytes if media_type.kind == "video" else settings.max_bytes
+    return settings.max_video_bytes if kind == "video" else settings.max_bytes
+
+
+def announced_kind(content_type: str | None) -> MediaKind | None:
+    """The kind (image, video) of the type Discord announced for an attachment; None when it is neither."""
+    family = (content_type or "").partition("/")[0].lower()
+    if family == "image":
+        return "image"
+    return "video" if family == "video" else None
+
+
+def _too_large(detail: str, cap: int, kind: MediaKind | None) -> TooLarge:
+    return TooLarge(detail, limit_bytes=cap, kind=kind or "file")
 
 
 def check_allowed(url: URL, settings: MediaSettings) -> None:
@@ -93,23 +106,35 @@ def check_redirect(source: URL, target: URL, settings: MediaSettings) -> None:
 
 
 async def download(
-    session: aiohttp.ClientSession, url: str, settings: MediaSettings, *, announced_size: int | None = None
+    session: aiohttp.ClientSession,
+    url: str,
+    settings: MediaSettings,
+    *,
+    announced_size: int | None = None,
+    announced_type: str | None = None,
 ) -> Downloaded:
-    """Download `url` within the limits of `settings`, retrying transient failures."""
+    """Download `url` within the limits of `settings`, retrying transient failures.
+
+    `total_timeout_seconds` bounds the whole download, retries and their backoff included. The size Discord
+    announced is checked first, against the cap of the kind Discord announced (`announced_type`).
+    """
     try:
         target = URL(url)
     except (TypeError, ValueError):
         raise HostNotAllowed("the URL does not parse") from None
     check_allowed(target, settings)
-    cap = byte_cap(settings, None)
+    kind = announced_kind(announced_type)
+    cap = byte_cap(settings, kind)
     if announced_size is not None and announced_size > cap:
         log.warning("refused %s: announced %d bytes, cap %d", redact(target), announced_size, cap)
-        raise TooLarge(f"announced {announced_size} bytes", limit_bytes=cap)
+        raise _too_large(f"announced {announced_size} bytes", cap, kind)
 
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + settings.total_timeout_seconds
     failure: MediaError = Unreachable("no attempt made")
     for attempt in range(settings.retries + 1):
         try:
-            async with asyncio.timeout(settings.total_timeout_seconds):
+            async with asyncio.timeout_at(deadline):
                 return await _attempt(session, target, settings)
         except TimeoutError:  # also aiohttp's connect/read timeouts, which subclass it
             failure = DownloadTimeout(f"{redact(target)} timed out")
@@ -117,10 +142,11 @@ async def download(
             failure = Unreachable(f"{redact(target)} answered HTTP {exc}")
         except aiohttp.ClientError as exc:  # refused, reset, disconnected, broken body
             failure = Unreachable(f"{redact(target)} failed: {_describe(exc)}")
-        if attempt < settings.retries:
-            delay = settings.retry_backoff_seconds * 2**attempt
-            log.warning("%s; retry %d of %d in %.2fs", failure, attempt + 1, settings.retries, delay)
-            await asyncio.sleep(delay)
+        delay = settings.retry_backoff_seconds * 2**attempt
+        if attempt == settings.retries or loop.time() + delay >= deadline:
+            break
+        log.warning("%s; retry %d of %d in %.2fs", failure, attempt + 1, settings.retries, delay)
+        await asyncio.sleep(delay)
     log.warning("giving up: %s", failure)
     raise failure
 
@@ -168,12 +194,12 @@ async def _read_body(response: aiohttp.ClientResponse, url: URL, settings: Media
         body += chunk
         if media_type is None and len(body) >= SNIFF_BYTES:
             media_type = _sniff_or_refuse(bytes(body[:SNIFF_BYTES]), url)
-            cap = byte_cap(settings, media_type)
-            _check_size(declared, cap, url, "Content-Length")
-        _check_size(len(body), cap, url, "streamed bytes")
+            cap = byte_cap(settings, media_type.kind)
+            _check_size(declared, cap, url, "Content-Length", media_type.kind)
+        _check_size(len(body), cap, url, "streamed bytes", media_type.kind if media_type else None)
     if media_type is None:  # a body shorter than SNIFF_BYTES
         media_type = _sniff_or_refuse(bytes(body), url)
-        _check_size(len(body), byte_cap(settings, media_type), url, "streamed bytes")
+        _check_size(len(body), byte_cap(settings, media_type.kind), url, "streamed bytes", media_type.kind)
     log.debug("downloaded %s: %d bytes of %s", redact(url), len(body), media_type.name)
     return Downloaded(bytes(body), media_type)
 
@@ -192,7 +218,7 @@ def _sniff_or_refuse(head: bytes, url: URL) -> MediaType:
     return media_type
 
 
-def _check_size(size: int | None, cap: int, url: URL, what: str) -> None:
+def _check_size(size: int | None, cap: int, url: URL, what: str, kind: MediaKind | None = None) -> None:
     if size is not None and size > cap:
         log.warning("refused %s: %s %d over the cap of %d bytes", redact(url), what, size, cap)
-        raise TooLarge(f"{what} {size} over {cap}", limit_bytes=cap)
+        raise _too_large(f"{what} {size} over {cap}", cap, kind)

@@ -53,9 +53,14 @@ class MediaFetcher:
             await self._session.close()
             self._session = None
 
-    async def fetch(self, url: str, *, announced_size: int | None = None) -> StoredMedia:
-        """Download `url` (an allow-listed http(s) URL) and store it; `announced_size` is checked first."""
-        downloaded = await download(self._http(), url, self._settings, announced_size=announced_size)
+    async def fetch(
+        self, url: str, *, announced_size: int | None = None, announced_type: str | None = None
+    ) -> StoredMedia:
+        """Download `url` (an allow-listed http(s) URL) and store it; the announced size is checked first,
+        against the cap of the announced type (Discord's content type, when known)."""
+        downloaded = await download(
+            self._http(), url, self._settings, announced_size=announced_size, announced_type=announced_type
+        )
         return await self._store(downloaded.data, downloaded.media_type)
 
     async def store_bytes(self, data: bytes) -> StoredMedia:
@@ -63,9 +68,9 @@ class MediaFetcher:
         media_type = sniff(data[:SNIFF_BYTES])
         if media_type is None:
             raise UnsupportedMediaType("the bytes are not an accepted media type")
-        cap = byte_cap(self._settings, media_type)
+        cap = byte_cap(self._settings, media_type.kind)
         if len(data) > cap:
-            raise TooLarge(f"{len(data)} bytes over {cap}", limit_bytes=cap)
+            raise TooLarge(f"{len(data)} bytes over {cap}", limit_bytes=cap, kind=media_type.kind)
         return await self._store(data, media_type)
 
     async def store_file(self, path: Path) -> StoredMedia:
@@ -74,7 +79,7 @@ class MediaFetcher:
         try:
             size = await asyncio.to_thread(lambda: path.stat().st_size)
             if size > cap:
-                raise TooLarge(f"{path} has {size} bytes, over {cap}", limit_bytes=cap)
+                raise TooLarge(f"{path} has {size} bytes, over {cap}", limit_bytes=cap, kind="file")
             data = await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             raise Unreachable(f"cannot read {path}: {exc}", user_message=f"I couldn't read {path}.") from None

@@ -83,9 +83,9 @@ def reuse_existing(path: Path) -> bool:
 
 def _temporary_file(folder: Path, extension: str) -> tuple[int, str]:
     """Create a temporary file in `folder`, making the folder first."""
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:  # mkstemp creates the file readable by its owner only (0600)
         return tempfile.mkstemp(dir=folder, prefix=INCOMING_PREFIX, suffix=extension)
     except FileNotFoundError:  # the purge removed the folder as empty just after the mkdir
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
         return tempfile.mkstemp(dir=folder, prefix=INCOMING_PREFIX, suffix=extension)

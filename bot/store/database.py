@@ -1,13 +1,17 @@
 """Engine creation and schema migration.
 
-`create_engine_for` turns a URL into an engine; for SQLite it creates the file's folder and sets, on every new
-connection, WAL mode (readers never block the writer), a busy timeout (a second process waits for the write
-lock instead of failing at once) and `foreign_keys=ON` (SQLite leaves foreign keys off by default).
-`upgrade` runs the Alembic migrations to head; it is the only way the schema is created.
+`create_engine_for` turns a URL into an engine. For SQLite it creates the file's folder (owner-only) and makes
+the database file readable by its owner only (SQLite gives its WAL and shared-memory files the same mode, and
+everyone's conversations are in there). On every new connection it sets WAL mode (readers never block the
+writer), a busy timeout (a second process waits for the write lock instead of failing at once) and
+`foreign_keys=ON` (SQLite leaves foreign keys off by default). `upgrade` runs the Alembic migrations to head;
+it is the only way the schema is created.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +39,12 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
     except (ArgumentError, ImportError) as exc:  # ArgumentError covers NoSuchModuleError (unknown dialect)
         raise ConfigError(f"storage.database_url cannot be used: {exc}") from None
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        folder = Path(url.database).parent
+        path = Path(url.database)
         try:
-            folder.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
-            raise ConfigError(f"cannot create the database folder {folder}: {exc.strerror}") from None
+            raise ConfigError(f"cannot create the database folder {path.parent}: {exc.strerror}") from None
+        _make_owner_only(path)
 
     @event.listens_for(engine, "connect")
     def _configure_sqlite(dbapi_connection: Any, _record: Any) -> None:
@@ -54,6 +59,19 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
             cursor.close()
 
     return engine
+
+
+def _make_owner_only(database: Path) -> None:
+    """Create the SQLite file as 0600 before SQLite does (it would follow the umask, often 0644), and take
+    group and world access away from an existing one and its WAL and shared-memory files."""
+    try:
+        os.close(os.open(database, os.O_CREAT | os.O_RDWR, 0o600))
+    except OSError:
+        return  # not a file we can create or open: SQLite's own error says why, on connecting
+    for path in (database, Path(f"{database}-wal"), Path(f"{database}-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if path.stat().st_mode & 0o077:
+                path.chmod(0o600)
 
 
 def alembic_config() -> Config:

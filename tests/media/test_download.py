@@ -131,6 +131,24 @@ async def test_announced_size_over_the_cap_makes_no_request(
     assert media_server.requests == [] and started_requests == []
 
 
+async def test_an_announced_image_is_held_to_the_image_cap_and_told_so(
+    media_server: MediaServer, fetcher: MediaFetcher, media_settings: MediaSettings
+) -> None:
+    url = media_server.serve_bytes("/big.png", PNG_BYTES)
+    over_image_cap = media_settings.max_bytes + 1  # under the (larger) video cap
+    with pytest.raises(TooLarge) as image:
+        await fetcher.fetch(url, announced_size=over_image_cap, announced_type="image/png")
+    assert image.value.limit_bytes == media_settings.max_bytes
+    assert "smaller image" in image.value.user_message
+    with pytest.raises(TooLarge) as video:
+        await fetcher.fetch(
+            url, announced_size=media_settings.max_video_bytes + 1, announced_type="video/mp4"
+        )
+    assert video.value.limit_bytes == media_settings.max_video_bytes
+    assert "smaller video" in video.value.user_message
+    assert media_server.requests == []
+
+
 async def test_content_length_over_every_cap_is_refused_before_the_body(
     media_server: MediaServer, fetcher: MediaFetcher, media_settings: MediaSettings
 ) -> None:
@@ -252,23 +270,31 @@ async def test_connection_reset_is_retried(media_server: MediaServer, fetcher: M
     assert media_server.count("/reset.png") == 2
 
 
-async def test_slow_host_times_out_after_the_retries(
+async def test_one_deadline_bounds_the_whole_download_retries_included(
     media_server: MediaServer, tmp_path: Path, media_settings: MediaSettings
 ) -> None:
-    settings = media_settings.model_copy(update={"total_timeout_seconds": 0.3, "retries": 1})
+    settings = media_settings.model_copy(
+        update={"total_timeout_seconds": 0.5, "retries": 2, "retry_backoff_seconds": 0.01}
+    )
+    answers = iter([500])  # one failure, then a host too slow for what is left of the deadline
 
-    async def slow(_request: web.Request) -> web.StreamResponse:
+    async def flaky_then_slow(_request: web.Request) -> web.StreamResponse:
+        status = next(answers, None)
+        if status is not None:
+            return web.Response(status=status)
         await media_server.release.wait()
         return web.Response(body=PNG_BYTES)
 
-    media_server.handlers["/slow.png"] = slow
+    media_server.handlers["/slow.png"] = flaky_then_slow
     started = time.monotonic()
     async with MediaFetcher(settings, tmp_path) as fetcher:
         with pytest.raises(DownloadTimeout) as caught:
             await fetcher.fetch(media_server.url("/slow.png"))
     elapsed = time.monotonic() - started
-    assert elapsed >= 0.6  # two attempts of 0.3 s (plus a 0.01 s backoff); the count below shows no third
+    assert elapsed >= 0.5
     assert_user_facing(caught.value)
+    # The second attempt was cut by the deadline and no third one started (with a deadline per attempt
+    # there would have been three, taking over a second).
     assert media_server.count("/slow.png") == 2
 
 

@@ -12,7 +12,14 @@ import pytest
 from PIL import Image
 
 from bot.content import StoredMedia
-from bot.errors import CorruptMedia, TooLarge, TooManyPixels, Unreachable, UnsupportedMediaType
+from bot.errors import (
+    CorruptMedia,
+    TooElongated,
+    TooLarge,
+    TooManyPixels,
+    Unreachable,
+    UnsupportedMediaType,
+)
 from bot.media import MediaFetcher
 from bot.settings import MediaSettings
 from tests.media.conftest import MediaServer
@@ -321,6 +328,15 @@ async def test_just_over_the_pixel_cap(fetcher: MediaFetcher, media_settings: Me
     for data in (encode(Image.new("1", (side, side)), "PNG"), encode(Image.new("RGB", (side, side)), "JPEG")):
         with pytest.raises(TooManyPixels):
             await fetcher.store_bytes(data)
+
+
+async def test_an_image_too_long_and_thin_for_the_model_is_refused_clearly(fetcher: MediaFetcher) -> None:
+    for size in ((6000, 20), (20, 6000)):
+        with pytest.raises(TooElongated) as caught:
+            await fetcher.store_bytes(encode(Image.new("RGB", size, "white"), "PNG"))
+        assert "crop" in caught.value.user_message
+    stored = await fetcher.store_bytes(encode(Image.new("RGB", (4000, 20), "white"), "PNG"))  # 200:1 is fine
+    assert (stored.width, stored.height) == (4000, 20)
 
 
 async def test_store_bytes_enforces_the_byte_cap(

@@ -52,7 +52,7 @@ async def test_broken_video_is_corrupt(fetcher: MediaFetcher) -> None:
     data = video("mp4", "mpeg4")
     with pytest.raises(CorruptMedia) as caught:
         await fetcher.store_bytes(data[:40])
-    assert caught.value.user_message.strip()
+    assert caught.value.user_message == CorruptMedia.video_message, "a damaged video is not called an image"
 
 
 async def test_heic_brand_is_not_a_video(fetcher: MediaFetcher) -> None:
