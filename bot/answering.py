@@ -21,7 +21,7 @@ from pathlib import Path
 from bot.content import ChatMessage, ConversationScope, MediaPart, StoredMedia, TextPart
 from bot.conversation import build_messages
 from bot.engine import Engine, EngineRequest
-from bot.errors import EmptyQuestion, QueueFull, TooManyImages
+from bot.errors import EmptyQuestion, QueueFull, StoreError, TooManyImages
 from bot.media import MediaFetcher
 from bot.settings import Settings
 from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
@@ -32,6 +32,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds surrogates only w
 
 DEFAULT_IMAGE_QUESTION = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
+UNSAVED_NOTE = "\n\n-# ⚠️ I couldn't save this turn, so I won't remember it in follow-ups."
 EMPTY_ANSWER_TEXT = (
     "(The model returned an empty answer. Try rephrasing the question, or /reset if the conversation "
     "has gone off track.)"
@@ -243,10 +244,14 @@ class AnswerService:
         except asyncio.CancelledError:
             handle.cancel()
             raise
-        recorded = await self._store.record_turn(
-            conversation_id,
-            NewTurn(user_message, result.text, question_discord_id=question.discord_message_id),
-        )
+        try:
+            recorded = await self._store.record_turn(
+                conversation_id,
+                NewTurn(user_message, result.text, question_discord_id=question.discord_message_id),
+            )
+        except StoreError as exc:  # the answer is written: show it, and say it will not be remembered
+            log.error("could not store the answer in %s: %s", key, exc)
+            return Answer(text=display_text(result.text) + UNSAVED_NOTE, assistant_message_id=None)
         log.info(
             "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
             key,

@@ -23,6 +23,7 @@ from PIL import Image
 
 from bot.answering import (
     EMPTY_ANSWER_TEXT,
+    UNSAVED_NOTE,
     AnswerService,
     AttachmentRef,
     Question,
@@ -263,6 +264,19 @@ async def test_history_survives_a_restart(tiny_model_dir: Path, tmp_path: Path, 
         forgotten = await second_run.reset(CHANNEL)
         assert (forgotten.messages_deleted, forgotten.media_deleted) == (2, 1)
         assert (await second_run.stats(CHANNEL)).turns == 0
+
+
+async def test_an_answer_the_store_cannot_save_is_still_shown_with_a_note(
+    service: AnswerService, tmp_path: Path
+) -> None:
+    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:  # writes of turns fail from now on
+        db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+        )
+    answer = await service.answer(Question(scope=CHANNEL, text="hello"))
+    assert answer.text.endswith(UNSAVED_NOTE) and answer.text.removesuffix(UNSAVED_NOTE).strip()
+    assert answer.assistant_message_id is None
+    assert (await service.stats(CHANNEL)).turns == 0
 
 
 async def test_engine_failure_stores_nothing(service: AnswerService, wiring: Wiring) -> None:

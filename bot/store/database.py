@@ -33,9 +33,10 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
     """
     try:
         url = make_url(database_url)
+        # hide_parameters: SQL errors (which reach logs) never carry the values, i.e. users' messages.
         if url.get_backend_name() != "sqlite":
-            return create_engine(url, pool_pre_ping=True)
-        engine = create_engine(url)
+            return create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        engine = create_engine(url, hide_parameters=True)
     except (ArgumentError, ImportError) as exc:  # ArgumentError covers NoSuchModuleError (unknown dialect)
         raise ConfigError(f"storage.database_url cannot be used: {exc}") from None
     if url.database and url.database != ":memory:" and not url.database.startswith("file:"):

@@ -154,6 +154,25 @@ async def test_database_errors_become_store_errors(database_url: str, media_dir:
             await unmigrated.conversation_for(scope(1))
 
 
+@sqlite_only("the failure is injected with an SQLite trigger")
+async def test_database_errors_never_carry_what_users_wrote(
+    store: ConversationStore, database_url: str, media_dir: Path
+) -> None:
+    conversation = await store.conversation_for(scope(1))
+    engine = create_engine_for(database_url)
+    try:
+        with engine.begin() as connection:  # the next insert fails inside the database
+            connection.exec_driver_sql(
+                "CREATE TRIGGER refuse BEFORE INSERT ON messages BEGIN SELECT RAISE(ABORT, 'disk full'); END"
+            )
+    finally:
+        engine.dispose()
+    with pytest.raises(StoreError) as failed:
+        await store.record_turn(conversation, NewTurn(question("my secret diagnosis"), "noted"))
+    assert "disk full" in str(failed.value)
+    assert "secret" not in str(failed.value) and "noted" not in str(failed.value)
+
+
 async def test_set_answer_discord_id(store: ConversationStore) -> None:
     conversation = await store.conversation_for(scope(1))
     turn = await record(store, conversation, 1)
