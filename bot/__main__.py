@@ -21,24 +21,41 @@ CONFIG_ENV_VAR = "BOT_CONFIG"
 log = logging.getLogger("bot")
 
 
+def _common_options(parser: argparse.ArgumentParser, *, after_command: bool) -> argparse.ArgumentParser:
+    """`--config` and `-v`, taken before the command or after it (`python -m bot run --config FILE`).
+
+    After a command they default to SUPPRESS, so that leaving them out there keeps a value given before it.
+    """
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=argparse.SUPPRESS if after_command else None,
+        help=f"TOML config file (default: ${CONFIG_ENV_VAR} or ./{DEFAULT_CONFIG} when it exists, "
+        "else built-in defaults; see config.example.toml)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=argparse.SUPPRESS if after_command else False,
+        help="debug logging",
+    )
+    return parser
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bot", description="A self-hosted Discord bot that answers questions about images."
     )
-    parser.add_argument(
-        "--config",
-        type=Path,
-        help=f"TOML config file (default: ${CONFIG_ENV_VAR} or ./{DEFAULT_CONFIG} when it exists, "
-        "else built-in defaults; see config.example.toml)",
-    )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    _common_options(parser, after_command=False)
+    common = [_common_options(argparse.ArgumentParser(add_help=False), after_command=True)]
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     commands.add_parser(
-        "run", help="start the Discord bot (migrates the database, loads the model, connects)"
+        "run", parents=common, help="start the Discord bot (migrates the database, loads the model, connects)"
     )
 
-    chat = commands.add_parser("chat", help="ask the model in the terminal, without Discord")
+    chat = commands.add_parser("chat", parents=common, help="ask the model in the terminal, without Discord")
     chat.add_argument(
         "question", nargs="?", help="answer this once and exit (omit for an interactive session)"
     )
@@ -49,18 +66,24 @@ def _parser() -> argparse.ArgumentParser:
     chat.add_argument("--conversation", default="default", help="named history to use (default: %(default)s)")
     chat.add_argument("--reset", action="store_true", help="forget that history first")
 
-    db = commands.add_parser("db", help="database maintenance")
+    db = commands.add_parser("db", parents=common, help="database maintenance")
     db_commands = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
-    db_commands.add_parser("upgrade", help="apply Alembic migrations up to the latest schema")
+    db_commands.add_parser("upgrade", parents=common, help="apply Alembic migrations up to the latest schema")
     db_commands.add_parser(
-        "purge", help="delete turns older than history.retention_days, and media files nothing uses"
+        "purge",
+        parents=common,
+        help="delete turns older than history.retention_days, and media files nothing uses",
     )
 
-    tiny = commands.add_parser("make-tiny-model", help="build the tiny random Qwen2.5-VL used by tests")
+    tiny = commands.add_parser(
+        "make-tiny-model", parents=common, help="build the tiny random Qwen2.5-VL used by tests"
+    )
     tiny.add_argument("directory", type=Path)
     tiny.add_argument("--seed", type=int, default=0)
 
-    commands.add_parser("sync-commands", help="register the slash commands with Discord and exit")
+    commands.add_parser(
+        "sync-commands", parents=common, help="register the slash commands with Discord and exit"
+    )
     return parser
 
 
@@ -93,8 +116,10 @@ async def _purge(settings: Settings) -> int:
 
 async def _run_bot(settings: Settings, token: SecretStr) -> None:
     from bot.app import purge_periodically, running_service
-    from bot.discord import run_discord
+    from bot.discord import check_token, run_discord
 
+    # A wrong token or an unreachable Discord is said in seconds, not after loading the model.
+    await check_token(settings.discord, token)
     async with running_service(settings) as service:
         purging = asyncio.create_task(purge_periodically(service), name="retention-purge")
         try:

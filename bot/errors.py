@@ -2,6 +2,7 @@
 
 BotError                      base; `user_message` is safe to show on Discord
 ├── ConfigError               a wrong config or environment; fails at start, never shown on Discord
+├── DiscordUnreachable        Discord's API cannot be reached at start; never shown on Discord
 ├── MediaError                an attachment could not be used
 │   ├── HostNotAllowed        the URL (or a redirect) points off the allow-list
 │   ├── TooLarge              announced or streamed bytes over the cap
@@ -46,6 +47,10 @@ class BotError(Exception):
 
 class ConfigError(BotError):
     """The configuration or environment is wrong; raised at start."""
+
+
+class DiscordUnreachable(BotError):
+    """Discord's REST API did not answer at start (network, DNS, or a wrong `discord.api_base_url`)."""
 
 
 class MediaError(BotError):

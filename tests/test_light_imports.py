@@ -50,14 +50,12 @@ async def finish(process: asyncio.subprocess.Process, timeout: float = 60) -> tu
     return process.returncode or 0, output, eval(reports[-1].removeprefix(MARKER))
 
 
-def server_config(
-    tmp_path: Path, model_dir: Path, fake: FakeDiscord | None, base_url: str, model: str
-) -> Path:
+def server_config(tmp_path: Path, model_dir: Path, fake: FakeDiscord, base_url: str, model: str) -> Path:
     return write_tiny_config(
         tmp_path / "config.toml",
         model_dir,
         tmp_path / "data",
-        discord={"api_base_url": fake.api_base_url if fake else "http://127.0.0.1:9/api/v10"},
+        discord={"api_base_url": fake.api_base_url},
         media={"allowed_hosts": ["127.0.0.1"]},
         engine={"backend": "server"},
         server={"base_url": base_url, "model": model, "connect_timeout_seconds": 1.0},
@@ -131,9 +129,14 @@ async def test_a_bot_on_the_server_backend_answers_without_importing_torch(
 async def test_run_fails_in_one_sentence_within_seconds_when_the_server_is_never_up(
     tmp_path: Path, tiny_model_dir: Path
 ) -> None:
-    config = server_config(tmp_path, tiny_model_dir, None, f"http://127.0.0.1:{free_port()}/v1", "qwen")
-    started = time.monotonic()
-    status, output, heavy = await finish(await launch("--config", str(config), "run"))
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    try:
+        config = server_config(tmp_path, tiny_model_dir, fake, f"http://127.0.0.1:{free_port()}/v1", "qwen")
+        started = time.monotonic()
+        status, output, heavy = await finish(await launch("--config", str(config), "run"))
+    finally:
+        await fake.close()
     assert status == 1
     assert time.monotonic() - started < 20
     errors = [line for line in output.splitlines() if line.startswith("Error:")]

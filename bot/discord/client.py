@@ -12,6 +12,7 @@ import logging
 import signal
 from typing import Any
 
+import aiohttp
 import discord
 import yarl
 from discord.gateway import DiscordWebSocket
@@ -23,7 +24,7 @@ from bot.discord.access import AccessPolicy
 from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
 from bot.discord.messages import MessageHandler
-from bot.errors import ConfigError
+from bot.errors import ConfigError, DiscordUnreachable
 from bot.settings import DiscordSettings, Settings
 
 log = logging.getLogger("bot.discord")
@@ -171,6 +172,26 @@ def _close_on_signals(
     return handled
 
 
+async def check_token(settings: DiscordSettings, token: SecretStr) -> None:
+    """One REST call: is Discord reachable, and does it accept `token`? Run it before the model loads."""
+    use_api_base(settings.api_base_url)
+    async with discord.Client(intents=discord.Intents.none()) as client:
+        await _log_in(client, settings, token)
+
+
+async def _log_in(client: discord.Client, settings: DiscordSettings, token: SecretStr) -> None:
+    """`client.login`, with its failures as one sentence each."""
+    try:
+        await client.login(token.get_secret_value())
+    except discord.LoginFailure:
+        raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
+    except (aiohttp.ClientError, OSError) as exc:
+        raise DiscordUnreachable(
+            f"cannot reach Discord at {settings.api_base_url} ({type(exc).__name__}); check the network, "
+            "or discord.api_base_url"
+        ) from None
+
+
 async def sync_commands(settings: Settings, token: SecretStr) -> int:
     """Register the slash commands with Discord over REST (no gateway); return a process exit status."""
     use_api_base(settings.discord.api_base_url)
@@ -179,10 +200,7 @@ async def sync_commands(settings: Settings, token: SecretStr) -> int:
     for command in build_commands():
         tree.add_command(command)
     async with client:
-        try:
-            await client.login(token.get_secret_value())
-        except discord.LoginFailure:
-            raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
+        await _log_in(client, settings.discord, token)
         synced = await tree.sync()
     names = ", ".join(command.name for command in synced)
     print(f"Synced {len(synced)} commands: {names}")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -85,3 +86,59 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
     # The first question came while the guild was still being cached: it is still a guild message, not a DM.
     assert f"in discord:{guild_id}:{channel}:{channel}" in log and "in discord:0:" not in log
     assert TOKEN not in log
+
+
+async def _run(config: Path, token: str, *args: str) -> tuple[int, str]:
+    """`python -m bot ARGS... --config FILE` (the option after the command, as users type it)."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bot",
+        *args,
+        "--config",
+        str(config),
+        cwd=ROOT,
+        env={**os.environ, "DISCORD_TOKEN": token},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), timeout=120)
+    return process.returncode or 0, output.decode()
+
+
+async def test_a_wrong_token_is_told_before_the_model_loads(tmp_path: Path) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    try:
+        # No model there: loading it would fail with another error, and take long with a real one.
+        config = write_tiny_config(
+            tmp_path / "config.toml",
+            tmp_path / "no-model-here",
+            tmp_path / "data",
+            discord={"api_base_url": fake.api_base_url},
+        )
+        status, output = await _run(config, "not-the-token", "run")
+    finally:
+        await fake.close()
+    assert status == 2, output
+    assert "Configuration error: Discord rejected the bot token: check DISCORD_TOKEN" in output
+    assert "loading model" not in output and "Traceback" not in output
+    assert "not-the-token" not in output
+
+
+async def test_an_unreachable_discord_is_one_sentence(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = write_tiny_config(
+        tmp_path / "config.toml",
+        tmp_path / "no-model-here",
+        tmp_path / "data",
+        discord={"api_base_url": f"http://127.0.0.1:{port}/api/v10"},
+    )
+    for command in ("run", "sync-commands"):
+        status, output = await _run(config, TOKEN, command)
+        errors = [line for line in output.splitlines() if line.startswith("Error:")]
+        assert status == 1, output
+        assert len(errors) == 1 and f"cannot reach Discord at http://127.0.0.1:{port}/api/v10" in errors[0]
+        assert "Traceback" not in output and "loading model" not in output
