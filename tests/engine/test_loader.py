@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import shutil
+import socket
+import time
 from pathlib import Path
 
+import huggingface_hub
 import pytest
 import torch
 
@@ -96,3 +99,31 @@ def test_uncached_repo_with_local_files_only_is_a_clear_error(tmp_path: Path) ->
 def test_cuda_device_map_without_cuda_is_a_clear_error(tiny_model_dir: Path) -> None:
     with pytest.raises(ModelLoadError, match="asks for a CUDA GPU"):
         load_model(ModelSettings(name_or_path=str(tiny_model_dir), device_map="cuda"))
+
+
+def test_an_unreachable_hub_is_said_at_once_naming_the_settings_that_help(
+    tiny_model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as probe:  # a port nobody listens on: the hub is down
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    for variable in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(variable, raising=False)
+    settings = ModelSettings(
+        name_or_path="Qwen/Qwen2.5-VL-3B-Instruct", cache_dir=str(tmp_path), device_map="cpu"
+    )
+
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="cannot reach the Hugging Face hub") as failed:
+        load_model(settings)
+    assert time.monotonic() - started < 10, "no two minutes of retries"
+    assert "model.cache_dir" in str(failed.value) and "model.local_files_only" in str(failed.value)
+
+    # With the files in the cache, the model loads from there at once instead.
+    _hub_cache(tiny_model_dir, tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", "main")
+    started = time.monotonic()
+    loaded = load_model(settings)
+    assert loaded.model.config.text_config.hidden_size == 64
+    assert time.monotonic() - started < 30
