@@ -113,6 +113,8 @@ async def _interactive(service: AnswerService, scope: ConversationScope, out: Te
         elif command == "/history":
             stats = await service.stats(scope)
             print(f"{stats.turns} turns, {stats.images} images stored.", file=out)
+        elif command.startswith("/") and command != "/image":  # a typo is not a question for the model
+            print(f"Unknown command {command}.\n{HELP}", file=out)
         elif command == "/image":
             paths = [Path(item).expanduser() for item in shlex.split(argument)]
             missing = [str(path) for path in paths if not path.is_file()]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import sqlite3
 import subprocess
@@ -136,3 +137,19 @@ def test_db_purge_sweeps_orphaned_files_even_when_turns_are_kept_forever(
     assert main(["--config", str(config), "db", "purge"]) == 0
     assert "Purged 0 old messages, 0 unused media files and 1 orphaned files." in capsys.readouterr().out
     assert not orphan.exists()
+
+
+async def test_interactive_chat_tells_an_unknown_command_instead_of_asking_the_model(
+    tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from bot.chat import run_chat
+    from tests.tiny_settings import tiny_settings
+
+    typed = iter(["/histroy", "/history", "/quit"])
+    monkeypatch.setattr("builtins.input", lambda _prompt: next(typed))
+    out = io.StringIO()
+    settings = tiny_settings(tiny_model_dir, tmp_path / "data")
+    assert await run_chat(settings, question=None, images=[], conversation="c", reset=False, out=out) == 0
+    printed = out.getvalue()
+    assert "Unknown command /histroy." in printed and "bot> " not in printed
+    assert "0 turns, 0 images stored." in printed

@@ -124,6 +124,7 @@ async def test_a_bot_on_the_server_backend_answers_without_importing_torch(
     assert answered and status == 0, output[-3000:]
     assert "answering through" in output and heavy == []
     assert TOKEN not in output
+    assert "voice will NOT be supported" not in output, "no noise about voice, which the bot never uses"
 
 
 async def test_run_fails_in_one_sentence_within_seconds_when_the_server_is_never_up(

@@ -43,6 +43,11 @@ def bot_intents() -> discord.Intents:
     return intents
 
 
+# The bot never joins voice: discord.py's start-up warnings about voice libraries are noise here.
+discord.VoiceClient.warn_nacl = False
+discord.VoiceClient.warn_dave = False
+
+
 def use_api_base(api_base_url: str) -> None:
     """Send REST calls to `api_base_url` (discord.py builds every route from the class attribute)."""
     Route.BASE = api_base_url.rstrip("/")
