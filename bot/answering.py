@@ -269,7 +269,7 @@ class AnswerService:
     def check(self, question: Question) -> None:
         """Raise the InputError `question` would meet, before any work is done for it."""
         media_count = len(question.attachments) + len(question.local_files)
-        if not visible_text(question.text) and media_count == 0:
+        if not has_visible_text(question.text) and media_count == 0:
             raise EmptyQuestion()
         limit = self._settings.vision.max_images_per_message
         if media_count > limit:
@@ -336,14 +336,14 @@ def clean_text(text: str) -> str:
     return _LONE_SURROGATE.sub("\ufffd", text).strip()
 
 
-def visible_text(text: str) -> str:
-    """`text` cleaned, without invisible format characters (zero-width spaces and joiners, BOM): empty when
-    nothing in it could be read as a question."""
-    return "".join(char for char in clean_text(text) if unicodedata.category(char) != "Cf").strip()
+def has_visible_text(text: str) -> bool:
+    """Whether `text` holds more than whitespace and invisible format characters (zero-width spaces and
+    joiners, BOM): something that could be read as a question."""
+    return any(not char.isspace() and unicodedata.category(char) != "Cf" for char in text)
 
 
 def _user_message(question: Question, media: list[StoredMedia]) -> ChatMessage:
-    text = clean_text(question.text) if visible_text(question.text) else ""
+    text = clean_text(question.text) if has_visible_text(question.text) else ""
     if not text:
         only_video = all(item.kind == "video" for item in media)
         text = DEFAULT_VIDEO_QUESTION if only_video else DEFAULT_IMAGE_QUESTION

@@ -36,7 +36,7 @@ class ScheduledRequest:
     started_at: float = 0.0
     ahead: int = -1  # the position last published
     discarded: bool = False  # the future is done elsewhere (cancelled, timed out, stopped): drop the result
-    streamed: str = ""  # text already sent to on_text
+    streamed: str = ""  # text already sent to on_text by the worker (a retried batch resumes after it)
     timer: asyncio.TimerHandle | None = None  # the request timeout, on the loop
 
     @property

@@ -21,7 +21,8 @@ import asyncio
 import logging
 import re
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import openai
 
@@ -45,6 +46,8 @@ from bot.errors import (
 from bot.settings import Settings
 
 logger = logging.getLogger("bot.engine.server")
+
+T = TypeVar("T")
 
 _FIRST_BACKOFF_SECONDS = 0.25
 _MAX_BACKOFF_SECONDS = 5.0
@@ -230,7 +233,6 @@ class ServerEngine(EngineFrontEnd):
                         delta = chunk.choices[0].delta.content if chunk.choices else None
                         if delta:
                             text += delta
-                            item.streamed = text
                             self._deliver_text(item, delta)
         except TimeoutError:
             if text:
@@ -279,7 +281,7 @@ class ServerEngine(EngineFrontEnd):
             body["extra_body"] = extra
         return body
 
-    async def _with_retries(self, call: Any) -> Any:
+    async def _with_retries(self, call: Callable[[], Awaitable[T]]) -> T:
         """`await call()`, retried on refused connections (within the connect timeout) and on 429/5xx
         (within the retry deadline); other failures become their `ServerError` at once."""
         server = self._server
