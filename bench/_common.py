@@ -19,7 +19,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +41,21 @@ if TYPE_CHECKING:
     from tests.inference.server import InferenceServer
 
 LOOPBACK_HOST = "127.0.0.1"
+QUESTIONS = (
+    "What is on the left side of the picture?",
+    "Describe this image in one sentence.",
+    "What colour is the sky?",
+    "How many people are in the photo?",
+    "Can you read the text on the sign?",
+    "Where was this taken?",
+    "Is this food healthy?",
+    "Please summarise the chart.",
+)
+
+
+def question(index: int) -> str:
+    """The benchmarks' questions, in turn."""
+    return QUESTIONS[index % len(QUESTIONS)]
 
 
 # -- arguments, torch and the model ----------------------------------------------------------------------
@@ -188,6 +203,44 @@ class LoopbackImageServer:
 
 
 # -- the server backend: `transformers serve`, the bot on the loopback Discord, direct requests ------------
+
+
+def add_server_bench_args(parser: argparse.ArgumentParser) -> None:
+    """`--model` and `--seed` of the server benchmarks (`transformers serve` runs the model, on the CPU)."""
+    parser.add_argument(
+        "--model", type=Path, default=None, help="a Qwen2.5-VL checkpoint directory (default: the tiny model)"
+    )
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_against_inference_server(
+    args: argparse.Namespace, name: str, run: Callable[[argparse.Namespace, Path, Any, Path], Awaitable[None]]
+) -> None:
+    """Seed, start `transformers serve` on the model of `args`, and `run(args, model_dir, server, folder)`
+    in a temporary folder; everything is stopped and removed after, even on Ctrl-C."""
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as folder, model_directory(args) as model_dir:
+        print("starting transformers serve ...", flush=True)
+        with inference_server(model_dir, Path(folder, "server.log")) as server:
+            asyncio.run(run(args, model_dir, server, Path(folder)))
+
+
+def write_photos(folder: Path, photos: Sequence[bytes]) -> list[Path]:
+    """Each JPEG of `photos` as `folder/photo-N.jpg`."""
+    paths = [folder / f"photo-{index}.jpg" for index in range(len(photos))]
+    for path, data in zip(paths, photos, strict=True):
+        path.write_bytes(data)
+    return paths
+
+
+def attach_photos(fake: FakeDiscord, photos: Sequence[bytes]) -> list[dict[str, Any]]:
+    """Each JPEG of `photos` served by the loopback CDN, as a Discord attachment payload."""
+    attachments = []
+    for index, data in enumerate(photos):
+        url = fake.add_file(f"photo-{index}.jpg", data, "image/jpeg")
+        attachments.append(fake.attachment(url, f"photo-{index}.jpg", len(data), "image/jpeg"))
+    return attachments
 
 
 @contextlib.contextmanager

@@ -26,7 +26,15 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import torch
-from _common import add_model_args, bench_settings, configure_torch, model_directory, print_table, write_photo
+from _common import (
+    add_model_args,
+    bench_settings,
+    configure_torch,
+    model_directory,
+    print_table,
+    question,
+    write_photo,
+)
 from qwen_vl_utils import process_vision_info
 from tqdm import tqdm
 
@@ -35,17 +43,6 @@ from bot.engine.loader import LoadedModel, load_model
 from bot.engine.pipeline import Pipeline, PipelineRequest
 from bot.engine.worker import InferenceEngine
 from bot.settings import Settings
-
-QUESTIONS = (
-    "What is on the left side of the picture?",
-    "Describe this image in one sentence.",
-    "What colour is the sky?",
-    "How many people are in the photo?",
-    "Can you read the text on the sign?",
-    "Where was this taken?",
-    "Is this food healthy?",
-    "Please summarise the chart.",
-)
 
 Answers = list[tuple[str, int]]  # (text, new tokens without EOS) per question, in order
 
@@ -65,7 +62,7 @@ def conversations(
                 "min_pixels": vision.min_pixels,
                 "max_pixels": vision.max_pixels,
             },
-            {"type": "text", "text": QUESTIONS[index % len(QUESTIONS)]},
+            {"type": "text", "text": question(index)},
         ]
         result.append([{"role": "user", "content": content}])
     return result

@@ -33,56 +33,39 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import openai
 from _common import (
+    add_server_bench_args,
     ask_on_discord,
+    attach_photos,
     chat_body,
     discord_bot,
     distinct_photos,
-    inference_server,
-    model_directory,
     print_table,
+    question,
     replace_images,
+    run_against_inference_server,
     server_bot_settings,
     stream_direct,
+    write_photos,
 )
 from tqdm import tqdm
 
 from bot.engine.openai_format import to_openai_messages
 
-QUESTIONS = (
-    "What is on the left side of the picture?",
-    "Describe this image in one sentence.",
-    "What colour is the sky?",
-    "How many people are in the photo?",
-    "Can you read the text on the sign?",
-    "Where was this taken?",
-    "Is this food healthy?",
-    "Please summarise the chart.",
-)
 MODES = ("Discord, together", "Discord, one after other", "direct, together", "direct, one after other")
-
-
-def question(index: int) -> str:
-    return QUESTIONS[index % len(QUESTIONS)]
 
 
 async def run(args: argparse.Namespace, model_dir: Path, server: Any, folder: Path) -> None:
     count = args.questions
     jpegs = distinct_photos(count + 1, args.width, args.height, seed=args.seed)  # [count] is the warm-up's
-    paths = []
-    for index, data in enumerate(jpegs):
-        paths.append(folder / f"photo-{index}.jpg")
-        paths[-1].write_bytes(data)
+    paths = write_photos(folder, jpegs)
 
     def settings_for(fake: Any) -> Any:
         return server_bot_settings(
@@ -106,10 +89,7 @@ async def run(args: argparse.Namespace, model_dir: Path, server: Any, folder: Pa
     tokens: list[int] = []
     async with discord_bot(settings_for, channel_names) as (fake, bot, user, channel_ids):
         settings = bot.settings
-        attachments = []
-        for index, data in enumerate(jpegs):
-            url = fake.add_file(f"photo-{index}.jpg", data, "image/jpeg")
-            attachments.append(fake.attachment(url, f"photo-{index}.jpg", len(data), "image/jpeg"))
+        attachments = attach_photos(fake, jpegs)
         free_channels = iter(channel_ids)
 
         await ask_on_discord(fake, bot, user, next(free_channels), question(count), [attachments[count]])
@@ -206,26 +186,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, default=None, help="a Qwen2.5-VL checkpoint directory (default: the tiny model)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_server_bench_args(parser)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--questions", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--max-in-flight", type=int, default=8, help="server.max_in_flight of the bot")
     parser.add_argument("--width", type=int, default=640)
     parser.add_argument("--height", type=int, default=480)
-    args = parser.parse_args()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-server-concurrency-") as folder,
-        model_directory(args) as model_dir,
-    ):
-        print("starting transformers serve ...", flush=True)
-        with inference_server(model_dir, Path(folder, "server.log")) as server:
-            asyncio.run(run(args, model_dir, server, Path(folder)))
+    run_against_inference_server(parser.parse_args(), "server-concurrency", run)
 
 
 if __name__ == "__main__":

@@ -31,11 +31,8 @@ path comes first and is not counted.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import base64
-import random
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,18 +41,21 @@ from typing import Any, TypeVar
 import numpy as np
 import openai
 from _common import (
+    add_server_bench_args,
     ask_on_discord,
+    attach_photos,
     chat_body,
     discord_bot,
     distinct_photos,
-    inference_server,
     median_ms,
-    model_directory,
     p90_ms,
     print_table,
+    question,
     replace_images,
+    run_against_inference_server,
     server_bot_settings,
     stream_direct,
+    write_photos,
 )
 from PIL import Image
 from tqdm import tqdm
@@ -66,21 +66,7 @@ from bot.media import MediaFetcher
 from bot.settings import MediaSettings, VisionSettings
 
 T = TypeVar("T")
-QUESTIONS = (
-    "What is on the left side of the picture?",
-    "Describe this image in one sentence.",
-    "What colour is the sky?",
-    "How many people are in the photo?",
-    "Can you read the text on the sign?",
-    "Where was this taken?",
-    "Is this food healthy?",
-    "Please summarise the chart.",
-)
 BREAKDOWN_IMAGES = 5
-
-
-def question(index: int) -> str:
-    return QUESTIONS[index % len(QUESTIONS)]
 
 
 def image_breakdown(paths: list[Path], vision: VisionSettings) -> list[tuple[str, float, float]]:
@@ -142,10 +128,7 @@ async def time_fetches(urls: list[str], media: MediaSettings, media_dir: Path) -
 async def run(args: argparse.Namespace, model_dir: Path, server: Any, folder: Path) -> None:
     count = args.questions
     jpegs = distinct_photos(count + 1, args.width, args.height, seed=args.seed)  # [0] is the warm-up's
-    paths = []
-    for index, data in enumerate(jpegs):
-        paths.append(folder / f"photo-{index}.jpg")
-        paths[-1].write_bytes(data)
+    paths = write_photos(folder, jpegs)
 
     def settings_for(fake: Any) -> Any:
         return server_bot_settings(
@@ -163,10 +146,7 @@ async def run(args: argparse.Namespace, model_dir: Path, server: Any, folder: Pa
     tokens: list[int] = []
     async with discord_bot(settings_for, channel_names) as (fake, bot, user, channels):
         settings = bot.settings
-        attachments = []
-        for index, data in enumerate(jpegs):
-            url = fake.add_file(f"photo-{index}.jpg", data, "image/jpeg")
-            attachments.append(fake.attachment(url, f"photo-{index}.jpg", len(data), "image/jpeg"))
+        attachments = attach_photos(fake, jpegs)
 
         # Warm-up on both paths; the bot's prompt for it is the template of every direct request.
         await ask_on_discord(fake, bot, user, channels[0], question(0), [attachments[0]])
@@ -272,10 +252,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", type=Path, default=None, help="a Qwen2.5-VL checkpoint directory (default: the tiny model)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
+    add_server_bench_args(parser)
     parser.add_argument("--questions", type=int, default=20)
     parser.add_argument("--max-tokens", type=int, default=8)
     parser.add_argument("--width", type=int, default=2048)
@@ -283,16 +260,7 @@ def main() -> None:
     parser.add_argument(
         "--edit-interval", type=float, default=1.0, help="discord.stream_edit_interval_seconds (>= 1.0)"
     )
-    args = parser.parse_args()
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    with (
-        tempfile.TemporaryDirectory(prefix="bench-server-overhead-") as folder,
-        model_directory(args) as model_dir,
-    ):
-        print("starting transformers serve ...", flush=True)
-        with inference_server(model_dir, Path(folder, "server.log")) as server:
-            asyncio.run(run(args, model_dir, server, Path(folder)))
+    run_against_inference_server(parser.parse_args(), "server-overhead", run)
 
 
 if __name__ == "__main__":
