@@ -17,10 +17,8 @@ class RedactSignedUrls(logging.Filter):
     """Drops the query string of every http(s) URL in a record's message."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        redacted = _URL_QUERY.sub(r"\1?<redacted>", message)
-        if redacted != message:
-            record.msg, record.args = redacted, None
+        # The message is formatted here once; the handler's formatter then reuses it as it is.
+        record.msg, record.args = _URL_QUERY.sub(r"\1?<redacted>", record.getMessage()), None
         return True
 
 
