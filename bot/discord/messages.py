@@ -8,6 +8,7 @@ everything outside the allow-lists (see `AccessPolicy`) are ignored silently.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import replace
 
 import discord
@@ -31,6 +32,7 @@ log = logging.getLogger("bot.discord.messages")
 
 THREAD_NAME_LENGTH = 80
 THREAD_ALREADY_EXISTS = 160004  # Discord: "A thread has already been created for this message"
+STARTER_VERDICTS_KEPT = 4096  # threads whose starter message was looked up, remembered (oldest dropped)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -51,6 +53,7 @@ class MessageHandler:
         self._deliveries = deliveries
         self._access = access
         self._warned_empty_content = False
+        self._starter_by_bot: OrderedDict[int, bool] = OrderedDict()  # thread id -> started from our message
 
     async def handle(self, message: discord.Message) -> None:
         """Answer `message` if it is for the bot; never raises."""
@@ -83,6 +86,7 @@ class MessageHandler:
             referenced=referenced,
             threads_without_mention=self._settings.answer_in_bot_threads_without_mention,
             has_conversation=self._service.has_conversation,
+            started_from_bot_message=self._started_from_bot_message,
         )
         if trigger is None:
             return
@@ -160,6 +164,33 @@ class MessageHandler:
         except discord.HTTPException as exc:
             log.info("could not fetch replied-to message %s (HTTP %s)", reference.message_id, exc.status)
             return None
+
+    async def _started_from_bot_message(self, channel: discord.abc.Messageable) -> bool:
+        """Whether `channel` is a thread started from one of the bot's messages (an answer).
+
+        A thread started from a message has that message's id; the message comes from the cache or, once per
+        thread, from the API. A thread with no starter message (or one deleted since) is not the bot's.
+        """
+        me = self._client.user
+        if me is None or not isinstance(channel, discord.Thread):
+            return False
+        verdict = self._starter_by_bot.get(channel.id)
+        if verdict is None:
+            starter = channel.starter_message
+            if starter is None:
+                parent = self._client.get_partial_messageable(channel.parent_id, guild_id=channel.guild.id)
+                try:
+                    starter = await parent.fetch_message(channel.id)
+                except discord.NotFound:
+                    starter = None
+                except discord.HTTPException as exc:
+                    log.info("could not fetch the starter of thread %s (HTTP %s)", channel.id, exc.status)
+                    return False  # not remembered: the next message asks again
+            verdict = starter is not None and starter.author.id == me.id
+            self._starter_by_bot[channel.id] = verdict
+            if len(self._starter_by_bot) > STARTER_VERDICTS_KEPT:
+                self._starter_by_bot.popitem(last=False)
+        return verdict
 
     async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
         """The thread started from `message`: a new one, or the one an earlier delivery of it opened."""
