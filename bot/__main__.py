@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--image", type=Path, action="append", default=[], help="image or video file (repeatable)"
     )
     chat.add_argument("--model", help="model name or local directory (overrides the config)")
-    chat.add_argument("--conversation", default="default", help="named history to use (default: %(default)s)")
+    chat.add_argument(
+        "--conversation",
+        help="named history to continue (default: a one-shot question starts fresh and is not kept; "
+        "an interactive session continues 'default')",
+    )
     chat.add_argument("--reset", action="store_true", help="forget that history first")
 
     db = commands.add_parser("db", parents=common, help="database maintenance")
