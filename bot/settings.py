@@ -39,6 +39,7 @@ class DiscordSettings(_Section):
     answer_in_bot_threads_without_mention: bool = True
     sync_commands_on_start: bool = True
     stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
+    answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
 
 
 class ModelSettings(_Section):

@@ -142,7 +142,7 @@ async def _answer(interaction: discord.Interaction, text: str, attachments: list
             bot.service,
             question,
             InteractionTarget(interaction, _messageable(interaction)),
-            interval=bot.discord_settings.stream_edit_interval_seconds,
+            settings=bot.discord_settings,
             tracker=bot.deliveries,
             present_error=present_error,
         )

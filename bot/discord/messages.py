@@ -113,7 +113,7 @@ class MessageHandler:
             self._service,
             question,
             ChannelTarget(reply_channel, reference),
-            interval=self._settings.stream_edit_interval_seconds,
+            settings=self._settings,
             tracker=self._deliveries,
             typing_in=reply_channel,
         )

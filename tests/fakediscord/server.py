@@ -385,13 +385,40 @@ class FakeDiscord:
         authorized = request.headers.get("Authorization") == f"Bot {self.token}"
         if request.path.startswith("/api/") and not token_in_url and not authorized:
             return _error(401, "401: Unauthorized")
-        body = await request.json() if request.can_read_body else None
+        body = await self._body(request)
         recorded = RecordedRequest(request.method, request.path, dict(request.query), body)
         response = await handler(request)
         async with self._changed:
             self.requests.append(recorded)
             self._changed.notify_all()
         return response
+
+    async def _body(self, request: web.Request) -> Any:
+        """The request's JSON body (read once). A multipart body (a message with files, as discord.py sends
+        it) gives its `payload_json` with the files, now served by the CDN, listed under "uploaded"."""
+        if "body" not in request:
+            body: Any = None
+            if request.content_type == "multipart/form-data":
+                form = await request.post()
+                body = json.loads(str(form["payload_json"])) if "payload_json" in form else {}
+                uploaded = []
+                for value in form.values():
+                    if isinstance(value, web.FileField):
+                        data = value.file.read()
+                        url = self.add_file(
+                            f"upload-{snowflake()}-{value.filename}", data, value.content_type
+                        )
+                        uploaded.append(self.attachment(url, value.filename, len(data), value.content_type))
+                body["uploaded"] = uploaded
+            elif request.can_read_body:
+                body = await request.json()
+            request["body"] = body
+        return request["body"]
+
+    def file_data(self, url: str) -> bytes:
+        """The bytes the CDN serves at `url` (an uploaded attachment's, for instance)."""
+        name = url.split("/cdn/", 1)[1].split("?", 1)[0]
+        return self._files[name][0]
 
     def _command_id(self, name: str, kind: int) -> int:
         for command in self.commands:
@@ -448,6 +475,7 @@ class FakeDiscord:
             reference=reference,
             referenced_message=self.messages.get(int(reference["message_id"])) if reference else None,
             flags=flags,
+            attachments=body.get("uploaded"),
         )
         data["allowed_mentions"] = body.get("allowed_mentions")
         self.messages[int(data["id"])] = data
@@ -528,7 +556,7 @@ class FakeDiscord:
         return _json(payloads.member(roles, with_user=user.payload))
 
     async def _put_commands(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         self.commands = [
             {
                 **command,
@@ -553,7 +581,7 @@ class FakeDiscord:
         channel_id = int(request.match_info["channel_id"])
         if channel_id not in self._channels:
             return _error(404, "Unknown Channel", 10003)
-        body = await request.json()
+        body = await self._body(request)
         if len(body.get("content") or "") > 2000:
             return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
         return _json(self._bot_message(channel_id, body))
@@ -563,14 +591,14 @@ class FakeDiscord:
         return _json(message) if message is not None else _error(404, "Unknown Message", 10008)
 
     async def _patch_message(self, request: web.Request) -> web.Response:
-        return await self._edit(int(request.match_info["message_id"]), await request.json())
+        return await self._edit(int(request.match_info["message_id"]), await self._body(request))
 
     async def _delete_message(self, request: web.Request) -> web.Response:
         self.messages.pop(int(request.match_info["message_id"]), None)
         return web.Response(status=204)
 
     async def _start_thread(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         parent_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
         if message_id in self._channels:
             return _error(400, "A thread has already been created for this message", 160004)
@@ -582,7 +610,7 @@ class FakeDiscord:
         interaction = self._interactions.get(request.match_info["token"])
         if interaction is None:
             return _error(404, "Unknown interaction", 10062)
-        body = await request.json()
+        body = await self._body(request)
         flags = (body.get("data") or {}).get("flags") or 0
         original = self._bot_message(interaction.channel_id, body.get("data") or {}, flags=flags)
         interaction.original_message_id = int(original["id"])
@@ -624,7 +652,7 @@ class FakeDiscord:
         message_id = self._webhook_message_id(request)
         if message_id is None:
             return _error(401, "Invalid Webhook Token", 50027)
-        return await self._edit(message_id, await request.json())
+        return await self._edit(message_id, await self._body(request))
 
     async def _delete_webhook_message(self, request: web.Request) -> web.Response:
         message_id = self._webhook_message_id(request)
@@ -643,4 +671,6 @@ class FakeDiscord:
         if "content" in body:
             message["content"] = body["content"]
             message["edited_timestamp"] = payloads.iso_now()
+        if "uploaded" in body:  # the files sent replace the message's attachments
+            message["attachments"] = body["uploaded"]
         return _json(message)
