@@ -42,6 +42,15 @@ class DiscordSettings(_Section):
     answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
 
 
+class LimitSettings(_Section):
+    """Per-user limits on questions (messages and commands alike); members with an exempt role skip them."""
+
+    max_in_flight_per_user: int = Field(default=3, ge=1)
+    questions_per_minute: float = Field(default=6.0, gt=0)  # the token bucket's refill rate
+    burst: int = Field(default=5, ge=1)  # questions a user may ask at once before the rate applies
+    exempt_role_ids: list[int] = Field(default_factory=list)
+
+
 class ModelSettings(_Section):
     """Every `from_pretrained` option the seed notebook lists, plus the attention implementation."""
 
@@ -173,6 +182,7 @@ class Settings(_Section):
     """The whole configuration."""
 
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)

@@ -23,9 +23,10 @@ from bot.answering import AnswerService
 from bot.discord.access import AccessPolicy
 from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
+from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
 from bot.errors import ConfigError, DiscordUnreachable
-from bot.settings import DiscordSettings, Settings
+from bot.settings import DiscordSettings, LimitSettings, Settings
 
 log = logging.getLogger("bot.discord")
 
@@ -67,7 +68,9 @@ def use_gateway(gateway_url: str) -> None:
 class VisionBot(discord.Client):
     """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands."""
 
-    def __init__(self, settings: DiscordSettings, service: AnswerService, **options: Any) -> None:
+    def __init__(
+        self, settings: DiscordSettings, limits: LimitSettings, service: AnswerService, **options: Any
+    ) -> None:
         super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, **options)
         self._settings = settings
         self._service = service
@@ -76,7 +79,8 @@ class VisionBot(discord.Client):
             self.tree.add_command(command)
         self.deliveries = DeliveryTracker()
         self._access = AccessPolicy(self, settings)
-        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access)
+        self._limits = UserLimits(limits)
+        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access, self._limits)
 
     @property
     def service(self) -> AnswerService:
@@ -92,6 +96,11 @@ class VisionBot(discord.Client):
     def access(self) -> AccessPolicy:
         """The allow-lists, applied to messages and commands alike."""
         return self._access
+
+    @property
+    def limits(self) -> UserLimits:
+        """The per-user limits, applied to messages and commands alike."""
+        return self._limits
 
     async def login(self, token: str) -> None:
         """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""
@@ -122,7 +131,7 @@ class VisionBot(discord.Client):
 
 async def run_discord(settings: Settings, token: SecretStr, service: AnswerService) -> None:
     """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly."""
-    client = VisionBot(settings.discord, service)
+    client = VisionBot(settings.discord, settings.limits, service)
     loop = asyncio.get_running_loop()
     handled = _close_on_signals(loop, client, grace=settings.engine.shutdown_grace_seconds)
     try:

@@ -7,6 +7,7 @@ everything outside the allow-lists (see `AccessPolicy`) are ignored silently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import OrderedDict
 from dataclasses import replace
@@ -14,8 +15,9 @@ from dataclasses import replace
 import discord
 
 from bot.answering import AnswerService, Question
-from bot.discord.access import AccessPolicy
+from bot.discord.access import AccessPolicy, role_ids_of
 from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
+from bot.discord.limits import UserLimits
 from bot.discord.replies import ChannelTarget
 from bot.discord.triggers import (
     attachment_refs,
@@ -25,13 +27,14 @@ from bot.discord.triggers import (
     strip_mention,
     trigger_of,
 )
-from bot.errors import InputError
+from bot.errors import InputError, UserLimited
 from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.messages")
 
 THREAD_NAME_LENGTH = 80
 THREAD_ALREADY_EXISTS = 160004  # Discord: "A thread has already been created for this message"
+LIMIT_NOTICE_SECONDS = 30  # a limit notice that could not go by DM is deleted from the channel after this
 STARTER_VERDICTS_KEPT = 4096  # threads whose starter message was looked up, remembered (oldest dropped)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
@@ -46,12 +49,14 @@ class MessageHandler:
         settings: DiscordSettings,
         deliveries: DeliveryTracker,
         access: AccessPolicy,
+        limits: UserLimits,
     ) -> None:
         self._client = client
         self._service = service
         self._settings = settings
         self._deliveries = deliveries
         self._access = access
+        self._limits = limits
         self._warned_empty_content = False
         self._starter_by_bot: OrderedDict[int, bool] = OrderedDict()  # thread id -> started from our message
 
@@ -99,6 +104,19 @@ class MessageHandler:
             discord_message_id=message.id,
             thread_origin=None if trigger.in_bot_thread else await thread_origin(self._service, scope),
         )
+        with contextlib.ExitStack() as admitted:
+            try:
+                admitted.enter_context(self._limits.admit(message.author.id, role_ids_of(message.author)))
+            except UserLimited as refusal:
+                await self._tell_limited(message, refusal)
+                return
+            await self._answer(message, question, channel)
+
+    async def _answer(
+        self, message: discord.Message, question: Question, channel: discord.abc.Messageable
+    ) -> None:
+        """Answer `question` as a reply to `message` (or in a new thread, if configured)."""
+        scope = question.scope
         reply_channel: discord.abc.Messageable = channel
         reference: discord.Message | None = message
         if self._wants_new_thread(question):
@@ -106,7 +124,9 @@ class MessageHandler:
             if thread is not None:
                 # A fresh thread for a fresh question: it starts its own conversation, with no parent history.
                 reply_channel, reference = thread, None
-                question = replace(question, scope=scope_of(thread, guild_id, thread.id), thread_origin=None)
+                question = replace(
+                    question, scope=scope_of(thread, scope.guild_id, thread.id), thread_origin=None
+                )
                 scope = question.scope
         log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
         await deliver(
@@ -117,6 +137,22 @@ class MessageHandler:
             tracker=self._deliveries,
             typing_in=reply_channel,
         )
+
+    async def _tell_limited(self, message: discord.Message, refusal: UserLimited) -> None:
+        """Tell the author why their question is refused: by DM, else in a reply that soon disappears."""
+        log.info("question %s from user %s refused: %s", message.id, message.author.id, refusal)
+        if not refusal.notify:
+            return
+        try:
+            if message.guild is None:
+                await message.reply(refusal.user_message)
+                return
+            try:
+                await message.author.send(f"About {message.jump_url}: {refusal.user_message}")
+            except discord.HTTPException:  # DMs closed (403): the channel, briefly
+                await message.reply(refusal.user_message, delete_after=LIMIT_NOTICE_SECONDS)
+        except discord.HTTPException as exc:
+            log.warning("could not tell user %s about a limit (HTTP %s)", message.author.id, exc.status)
 
     def _wants_new_thread(self, question: Question) -> bool:
         """Whether to answer in a new thread: configured, in a guild channel, and not a question that fails

@@ -234,6 +234,8 @@ class ServerEngine(EngineFrontEnd):
                         if delta:
                             text += delta
                             self._deliver_text(item, delta)
+                        if item.stop_requested:  # closing the stream stops the server generating
+                            break
         except TimeoutError:
             if text:
                 raise AnswerIncomplete("the answer timeout passed mid-stream", partial_text=text) from None
@@ -249,6 +251,7 @@ class ServerEngine(EngineFrontEnd):
             completion_tokens=usage.completion_tokens if usage is not None else 0,
             queue_seconds=item.started_at - item.submitted_at,
             generate_seconds=time.monotonic() - started,
+            stopped=item.stop_requested,
         )
 
     async def _create(self, body: dict[str, Any]) -> Any:

@@ -27,6 +27,7 @@ from tests.inference.proxy import InferenceProxy
 from tests.tiny_settings import tiny_settings
 
 TOKEN = "fake-token.never-logged.abc123XYZ"
+UNLIMITED = {"max_in_flight_per_user": 1000, "burst": 1000}
 
 
 def png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -44,11 +45,13 @@ def bot_settings(
     engine: dict[str, Any] | None = None,
     server: InferenceProxy | None = None,
     server_options: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
 ) -> Settings:
     """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
     `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections. With `server`, the
     bot answers through that proxy of the real inference server (`engine.backend = "server"`), with
-    `server_options` added to the `[server]` section."""
+    `server_options` added to the `[server]` section. Per-user limits are off unless `limits` sets them: the
+    tests play a few users asking many questions within seconds."""
     backend: dict[str, dict[str, Any]] = {}
     if server is not None:
         backend = {
@@ -65,6 +68,7 @@ def bot_settings(
         data_dir,
         discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0, **discord},
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
+        limits=limits or UNLIMITED,
         **{"engine": engine or {}, **backend},
     )
 
@@ -101,7 +105,7 @@ class RunningBot:
         self._stack = AsyncExitStack()
         service = await self._stack.enter_async_context(running_service(self.settings))
         self._observe(service)
-        client = VisionBot(self.settings.discord, service, guild_ready_timeout=0.1)
+        client = VisionBot(self.settings.discord, self.settings.limits, service, guild_ready_timeout=0.1)
         await self._stack.enter_async_context(client)
         task = asyncio.create_task(client.start(TOKEN))
         self._stack.push_async_callback(self._stop_client, client, task)

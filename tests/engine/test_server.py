@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.engine import EngineRequest, GenerationResult, generate
+from bot.engine import EngineRequest, GenerationResult, RequestHandle, generate
 from bot.engine.budget import smart_resize
 from bot.engine.server import ServerEngine
 from bot.engine.worker import InferenceEngine
@@ -414,3 +414,25 @@ async def test_a_video_goes_inline_where_the_server_takes_videos(
     url = video_part["video_url"]["url"]
     assert url.startswith("data:video/mp4;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == clip.read_bytes()
+
+
+async def test_stop_ends_the_stream_and_keeps_the_text_so_far(
+    connect: Callable[..., Any], proxy: InferenceProxy
+) -> None:
+    long_answer = {"max_new_tokens": 200, "do_sample": False}
+    async with connect() as engine:
+        full = await generate(
+            engine, [user("tell me everything")], conversation_key="a", generate_kwargs=long_answer
+        )
+        handle: RequestHandle | None = None
+
+        def stop_at_first_text(_delta: str) -> None:
+            assert handle is not None
+            handle.stop()
+
+        handle = engine.submit(
+            EngineRequest([user("tell me everything")], "b", long_answer, stop_at_first_text)
+        )
+        stopped = await handle.result()
+    assert stopped.stopped and not full.stopped
+    assert stopped.text and full.text.startswith(stopped.text) and len(stopped.text) < len(full.text)

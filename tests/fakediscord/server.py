@@ -48,6 +48,7 @@ class FakeUser:
     bot: bool = False
     role_ids: list[int] = field(default_factory=list)
     guild_ids: list[int] = field(default_factory=list)
+    accepts_dms: bool = True  # False: the bot's DMs get 403 "Cannot send messages to this user"
 
     @property
     def payload(self) -> Json:
@@ -122,6 +123,7 @@ class FakeDiscord:
         api.get("/api/v10/oauth2/applications/@me")(self._get_application)
         api.get("/api/v10/guilds/{guild_id}/members/{user_id}")(self._get_member)
         api.put("/api/v10/applications/{app_id}/commands")(self._put_commands)
+        api.post("/api/v10/users/@me/channels")(self._open_dm)
         api.get("/api/v10/channels/{channel_id}")(self._get_channel)
         api.post("/api/v10/channels/{channel_id}/typing")(self._typing)
         api.post("/api/v10/channels/{channel_id}/messages")(self._post_message)
@@ -207,6 +209,13 @@ class FakeDiscord:
         channel_id = snowflake()
         self._channels[channel_id] = payloads.dm_channel(channel_id, recipient.payload)
         return channel_id
+
+    def dm_channel_of(self, user: FakeUser) -> int | None:
+        """The id of the DM channel between the bot and `user`, if one was opened."""
+        for channel_id, channel in self._channels.items():
+            if channel["type"] == 1 and channel["recipients"][0]["id"] == str(user.id):
+                return channel_id
+        return None
 
     def add_file(self, name: str, data: bytes, content_type: str, *, delay: float = 0.0) -> str:
         """Serve `data` from the CDN after `delay` seconds; returns its URL (signed-looking, as Discord)."""
@@ -570,6 +579,13 @@ class FakeDiscord:
         ]
         return _json(self.commands)
 
+    async def _open_dm(self, request: web.Request) -> web.Response:
+        user = self._users.get(int((await self._body(request))["recipient_id"]))
+        if user is None:
+            return _error(404, "Unknown User", 10013)
+        channel_id = self.dm_channel_of(user) or self.add_dm_channel(user)
+        return _json(self._channels[channel_id])
+
     async def _get_channel(self, request: web.Request) -> web.Response:
         channel = self._channels.get(int(request.match_info["channel_id"]))
         return _json(channel) if channel is not None else _error(404, "Unknown Channel", 10003)
@@ -579,8 +595,11 @@ class FakeDiscord:
 
     async def _post_message(self, request: web.Request) -> web.Response:
         channel_id = int(request.match_info["channel_id"])
-        if channel_id not in self._channels:
+        channel = self._channels.get(channel_id)
+        if channel is None:
             return _error(404, "Unknown Channel", 10003)
+        if channel["type"] == 1 and not self._users[int(channel["recipients"][0]["id"])].accepts_dms:
+            return _error(403, "Cannot send messages to this user", 50007)
         body = await self._body(request)
         if len(body.get("content") or "") > 2000:
             return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
