@@ -116,6 +116,19 @@ class InferenceEngine(EngineFrontEnd):
         """Whether the worker thread is running (loading, idle or busy)."""
         return self._thread is not None and self._thread.is_alive()
 
+    async def readiness(self) -> str | None:
+        """None once the model is loaded and the worker thread runs, else why not."""
+        if self._thread is None:
+            return "not started"
+        if not self._thread.is_alive():
+            return "the inference worker has stopped"
+        with self._lock:
+            if self._stopping:
+                return "stopping"
+            if not self._accepting:
+                return "the model is loading"
+        return None
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, fail queued requests, give running ones `grace` seconds, join the thread.
 
