@@ -115,7 +115,7 @@ class ServerEngine(EngineFrontEnd):
         (within two seconds); else why not. A verdict stands for a few seconds, so probes never flood it."""
         with self._lock:
             if not self._accepting:
-                return "not started" if self._stop_task is None else "stopping"
+                return "not started" if self._stop_task is None else "stopped"
         checked_at, reason = self._verdict
         if time.monotonic() - checked_at < _VERDICT_SECONDS:
             return reason
