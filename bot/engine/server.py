@@ -71,8 +71,8 @@ class ServerEngine(EngineFrontEnd):
         cache_bytes = settings.server.image_cache_mb * 1024 * 1024
         self._image_urls = ImageUrlCache(cache_bytes) if cache_bytes else None
         self._stop_task: asyncio.Future[None] | None = None
-        # When the server last answered (None: up) or was found down (the reason), for `readiness`.
-        self._verdict: tuple[float, str | None] = (-_VERDICT_SECONDS, "not started")
+        # For `readiness`: when the server last answered (None) or was found down (the reason).
+        self._verdict: tuple[float, str | None] = (float("-inf"), None)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
