@@ -114,7 +114,6 @@ class RunningBot:
     log: _Recorder = field(default_factory=_Recorder)
     client: VisionBot | None = None
     service: AnswerService | None = None
-    metrics: Metrics | None = None
     health_port: int | None = None  # where /metrics, /healthz and /readyz are served
     _stack: AsyncExitStack | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
@@ -126,16 +125,16 @@ class RunningBot:
         root.addHandler(self.log)
         self._previous_level, root.level = root.level, logging.DEBUG  # the token must not show even at DEBUG
         self._stack = stack = AsyncExitStack()
-        self.metrics, readiness = Metrics(), Readiness()
+        metrics, readiness = Metrics(), Readiness()
         self.health_port = await stack.enter_async_context(
-            serving_health(self.settings.metrics, self.metrics, readiness)
+            serving_health(self.settings.metrics, metrics, readiness)
         )
         self.service = service = await stack.enter_async_context(
-            running_service(self.settings, metrics=self.metrics, readiness=readiness)
+            running_service(self.settings, metrics=metrics, readiness=readiness)
         )
         self._observe(service)
         self.client = client = VisionBot(
-            self.settings.discord, service, metrics=self.metrics, guild_ready_timeout=0.1
+            self.settings.discord, service, metrics=metrics, guild_ready_timeout=0.1
         )
         await stack.enter_async_context(client)
         stack.enter_context(readiness.watch("gateway", client.readiness))
@@ -151,7 +150,7 @@ class RunningBot:
             await self._stack.aclose()
         logging.getLogger().removeHandler(self.log)
         logging.getLogger().setLevel(self._previous_level)
-        self._stack = self.client = self.service = self.metrics = self.health_port = None
+        self._stack = self.client = self.service = self.health_port = None
 
     async def get(self, path: str) -> tuple[int, str]:
         """GET `path` from the health endpoints: the status and the body."""
