@@ -121,13 +121,20 @@ async def _purge(settings: Settings) -> int:
 async def _run_bot(settings: Settings, token: SecretStr) -> None:
     from bot.app import purge_periodically, running_service
     from bot.discord import check_token, run_discord
+    from bot.health import Readiness, serving_health
+    from bot.metrics import Metrics
 
     # A wrong token or an unreachable Discord is said in seconds, not after loading the model.
     await check_token(settings.discord, token)
-    async with running_service(settings) as service:
+    metrics, readiness = Metrics(), Readiness()
+    # The health endpoints come up first, so /readyz says "the model is loading" while it loads.
+    async with (
+        serving_health(settings.metrics, metrics, readiness),
+        running_service(settings, metrics=metrics, readiness=readiness) as service,
+    ):
         purging = asyncio.create_task(purge_periodically(service), name="retention-purge")
         try:
-            await run_discord(settings, token, service)
+            await run_discord(settings, token, service, metrics=metrics, readiness=readiness)
         finally:
             purging.cancel()
 

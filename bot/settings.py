@@ -178,6 +178,14 @@ class ServerSettings(_Section):
         return SecretStr(value) if value else None
 
 
+class MetricsSettings(_Section):
+    """The HTTP endpoint for Prometheus metrics and health checks (`bot.health`); off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port
+
+
 class Settings(_Section):
     """The whole configuration."""
 
@@ -191,6 +199,7 @@ class Settings(_Section):
     media: MediaSettings = Field(default_factory=MediaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:

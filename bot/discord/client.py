@@ -26,6 +26,8 @@ from bot.discord.delivery import DeliveryTracker
 from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
 from bot.errors import ConfigError, DiscordUnreachable
+from bot.health import Readiness
+from bot.metrics import Metrics
 from bot.settings import DiscordSettings, LimitSettings, Settings
 
 log = logging.getLogger("bot.discord")
@@ -66,12 +68,23 @@ def use_gateway(gateway_url: str) -> None:
 
 
 class VisionBot(discord.Client):
-    """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands."""
+    """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands.
+
+    `metrics` counts Discord's HTTP error responses (429s included) through discord.py's `http_trace`.
+    """
 
     def __init__(
-        self, settings: DiscordSettings, limits: LimitSettings, service: AnswerService, **options: Any
+        self,
+        settings: DiscordSettings,
+        limits: LimitSettings,
+        service: AnswerService,
+        *,
+        metrics: Metrics | None = None,
+        **options: Any,
     ) -> None:
-        super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, **options)
+        trace = (metrics or Metrics()).discord_http_trace()
+        super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, http_trace=trace, **options)
+        self._gateway_connected = False  # between a session's start (or resume) and a disconnect
         self._settings = settings
         self._service = service
         self.tree = GuardedCommandTree(self)
@@ -122,6 +135,25 @@ class VisionBot(discord.Client):
             return
         log.info("synced %d application commands", len(synced))
 
+    async def readiness(self) -> str | None:
+        """None while connected to the gateway with the guilds loaded, else why not."""
+        if self.is_closed():
+            return "the Discord connection is closed"
+        if not self.is_ready():
+            return "not connected to the Discord gateway yet"
+        if not self._gateway_connected:
+            return "disconnected from the Discord gateway; reconnecting"
+        return None
+
+    async def on_connect(self) -> None:
+        self._gateway_connected = True
+
+    async def on_resumed(self) -> None:
+        self._gateway_connected = True
+
+    async def on_disconnect(self) -> None:
+        self._gateway_connected = False
+
     async def on_ready(self) -> None:
         log.info("connected to Discord; in %d guilds", len(self.guilds))
 
@@ -129,14 +161,20 @@ class VisionBot(discord.Client):
         await self._messages.handle(message)
 
 
-async def run_discord(settings: Settings, token: SecretStr, service: AnswerService) -> None:
-    """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly."""
-    client = VisionBot(settings.discord, settings.limits, service)
+async def run_discord(
+    settings: Settings, token: SecretStr, service: AnswerService, *, metrics: Metrics, readiness: Readiness
+) -> None:
+    """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly.
+
+    The gateway is on `readiness` while the client runs.
+    """
+    client = VisionBot(settings.discord, settings.limits, service, metrics=metrics)
     loop = asyncio.get_running_loop()
     handled = _close_on_signals(loop, client, grace=settings.engine.shutdown_grace_seconds)
     try:
         async with client:
-            await client.start(token.get_secret_value())
+            with readiness.watch("gateway", client.readiness):
+                await client.start(token.get_secret_value())
     except discord.LoginFailure:
         raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
     except discord.PrivilegedIntentsRequired:

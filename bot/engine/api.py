@@ -140,6 +140,10 @@ class Engine(Protocol):
         """A snapshot of the counters."""
         ...
 
+    async def readiness(self) -> str | None:
+        """None when a request submitted now would be answered, else why not (a few words); cheap."""
+        ...
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, fail queued requests, give running ones `grace` seconds; idempotent."""
         ...

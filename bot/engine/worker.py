@@ -117,6 +117,18 @@ class InferenceEngine(EngineFrontEnd):
         """Whether the worker thread is running (loading, idle or busy)."""
         return self._thread is not None and self._thread.is_alive()
 
+    async def readiness(self) -> str | None:
+        """None once the model is loaded and the worker thread runs, else why not."""
+        if self._thread is None:
+            return "not started"
+        with self._lock:
+            stopping, accepting = self._stopping, self._accepting
+        if stopping:  # stop() was called, the model failed to load, or the worker crashed
+            return "stopped"
+        if not self._thread.is_alive():
+            return "the inference worker has stopped"
+        return None if accepting else "the model is loading"
+
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, fail queued requests, give running ones `grace` seconds, join the thread.
 

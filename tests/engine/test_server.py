@@ -298,6 +298,29 @@ async def test_a_server_gone_down_is_told_within_seconds_and_back_up_answers_aga
         assert (await generate(engine, [user("hi")], conversation_key="c", generate_kwargs=GREEDY)).text
 
 
+async def test_ready_while_the_server_answers(
+    tiny_model_dir: Path, tmp_path: Path, inference_server: InferenceServer, proxy: InferenceProxy
+) -> None:
+    engine = ServerEngine(server_settings(tiny_model_dir, tmp_path, proxy.base_url, inference_server.model))
+    assert await engine.readiness() == "not started"
+    await engine.start()
+    try:
+        assert await engine.readiness() is None, "the start's GET /v1/models stands for a few seconds"
+        await proxy.go_down()
+        started = time.monotonic()
+        async with asyncio.timeout(10):  # then GET /v1/models is asked again, and refused
+            while (reason := await engine.readiness()) is None:
+                await asyncio.sleep(0.1)
+        assert reason == "the inference server failed (APIConnectionError)"
+        assert time.monotonic() - started > 1, "a verdict stands a few seconds: probes never flood the server"
+        await proxy.come_back()
+        assert (await generate(engine, [user("hi")], conversation_key="c", generate_kwargs=GREEDY)).text
+        assert await engine.readiness() is None, "an answer is a successful contact"
+    finally:
+        await engine.stop(grace=10)
+    assert await engine.readiness() == "stopped"
+
+
 async def test_start_fails_in_one_sentence_when_the_server_is_never_up(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:

@@ -486,10 +486,23 @@ async def test_stop_after_the_grace_period_aborts_the_running_batch(
     assert engine.stats.aborted == 1
 
 
+async def test_ready_from_the_model_loaded_until_the_worker_stops(tiny_model_dir: Path) -> None:
+    engine = InferenceEngine(make_settings(tiny_model_dir))
+    assert await engine.readiness() == "not started"
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0)  # the worker thread starts and loads the model
+    assert await engine.readiness() == "the model is loading"
+    await starting
+    assert await engine.readiness() is None
+    await engine.stop()
+    assert await engine.readiness() == "stopped"
+
+
 async def test_start_with_a_bad_path_raises_model_load_error(tmp_path: Path) -> None:
     engine = InferenceEngine(make_settings(tmp_path / "no-such-model"))
     with pytest.raises(ModelLoadError):
         await engine.start()
+    assert await engine.readiness() == "stopped"
     with pytest.raises(EngineStopped):
         engine.submit(request("anything"))
     await engine.stop()

@@ -6,7 +6,8 @@ server, points the bot at `api_base_url`, then plays users: `send_message`, `cre
 guilds. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await them
 with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
 An interaction whose id is over 15 minutes old plays one deferred in time whose token has since expired: its
-callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token.
+callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token. `rate_limit_next` makes
+the next matching REST call meet a 429, as Discord's rate limiter sends it.
 """
 
 from __future__ import annotations
@@ -104,6 +105,7 @@ class FakeDiscord:
         self.bot_role_ids: dict[int, int] = {}  # guild id -> the bot's managed role there
         self._file_delays: dict[str, float] = {}
         self._interactions: dict[str, _Interaction] = {}
+        self._rate_limits: list[tuple[str, str, float]] = []  # (method, path part, retry_after) to answer
         self._sockets: list[web.WebSocketResponse] = []
         self._sequence = 0
         self._changed = asyncio.Condition()
@@ -228,6 +230,11 @@ class FakeDiscord:
 
     def attachment(self, url: str, filename: str, size: int, content_type: str | None) -> Json:
         return payloads.attachment(snowflake(), filename, url, size, content_type)
+
+    def rate_limit_next(self, method: str, path_part: str, *, retry_after: float = 0.05) -> None:
+        """The next `method` call whose path holds `path_part` gets a 429 asking to retry after `retry_after`
+        seconds (recorded like any call; the retry then goes through)."""
+        self._rate_limits.append((method, path_part, retry_after))
 
     # --- user events ---
 
@@ -396,7 +403,7 @@ class FakeDiscord:
             return _error(401, "401: Unauthorized")
         body = await self._body(request)
         recorded = RecordedRequest(request.method, request.path, dict(request.query), body)
-        response = await handler(request)
+        response = self._rate_limited(request) or await handler(request)
         async with self._changed:
             self.requests.append(recorded)
             self._changed.notify_all()
@@ -428,6 +435,18 @@ class FakeDiscord:
         """The bytes the CDN serves at `url` (an uploaded attachment's, for instance)."""
         name = url.split("/cdn/", 1)[1].split("?", 1)[0]
         return self._files[name][0]
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        for limit in self._rate_limits:
+            method, path_part, retry_after = limit
+            if request.method == method and path_part in request.path:
+                self._rate_limits.remove(limit)
+                # discord.py retries a 429 only when it carries `Via` (else it takes it for Cloudflare's).
+                data = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+                response = _json(data, status=429)
+                response.headers["Via"] = "1.1 google"
+                return response
+        return None
 
     def _command_id(self, name: str, kind: int) -> int:
         for command in self.commands:
