@@ -104,8 +104,8 @@ def locate_model_files(settings: ModelSettings) -> ModelFiles:
                 raise
     elif cache_only:
         raise ModelLoadError(
-            f"{settings.name_or_path!r} is not in {_cache_name(settings)}, and model.local_files_only is set: "
-            "download it once without local_files_only, or set model.name_or_path to its directory"
+            f"{settings.name_or_path!r} is not in {_cache_name(settings)}, and model.local_files_only is "
+            "set: download it once without local_files_only, or set model.name_or_path to its directory"
         )
     endpoint = huggingface_hub.constants.ENDPOINT
     return ModelFiles(f"the hub at {endpoint}, downloaded at the first start", _hub_weights_bytes(settings))
