@@ -29,7 +29,7 @@ WEIGHTS_INDEX = "model.safetensors.index.json"
 
 @dataclass(frozen=True)
 class ModelFiles:
-    """Where `from_pretrained` finds a model, and the size of its weights on disk."""
+    """Where `from_pretrained` finds a model (a phrase naming it), and the size of its weights on disk."""
 
     where: str
     weights_bytes: int
@@ -98,7 +98,8 @@ def locate_model_files(settings: ModelSettings) -> ModelFiles:
     snapshot = _cached_snapshot(settings)
     if snapshot is not None:
         try:
-            return ModelFiles(f"{_cache_name(settings)} ({snapshot})", _weights_bytes(snapshot))
+            where = f"{settings.name_or_path!r} in {_cache_name(settings)} ({snapshot})"
+            return ModelFiles(where, _weights_bytes(snapshot))
         except ModelLoadError:
             if cache_only:
                 raise
@@ -107,8 +108,10 @@ def locate_model_files(settings: ModelSettings) -> ModelFiles:
             f"{settings.name_or_path!r} is not in {_cache_name(settings)}, and model.local_files_only is "
             "set: download it once without local_files_only, or set model.name_or_path to its directory"
         )
-    endpoint = huggingface_hub.constants.ENDPOINT
-    return ModelFiles(f"the hub at {endpoint}, downloaded at the first start", _hub_weights_bytes(settings))
+    where = (
+        f"{settings.name_or_path!r} on the hub at {huggingface_hub.constants.ENDPOINT} (downloaded at start)"
+    )
+    return ModelFiles(where, _hub_weights_bytes(settings))
 
 
 def _cache_name(settings: ModelSettings) -> str:
