@@ -1,10 +1,10 @@
 """`python -m bot doctor`: is this set-up ready to run? One line per check, ✓, ✗ with what to do, or skipped.
 
 Each check is one function returning a `CheckResult`. Its body returns the ✓ line's detail or raises a
-`BotError` whose sentence says what to do (a Discord HTTP error or a timeout is a ✗ too); a check that needs
-one that failed (everything on Discord needs an accepted token) reports "skipped" instead of running. Every
-check has its own timeout, and nothing changes: no migration, no download, no model loaded, no command
-synced. On the server backend torch is never imported. The Discord token is used, never printed.
+`BotError` whose sentence says what to do (a Discord HTTP error or a timeout is a ✗ too). A check that needs
+one that failed (everything on Discord needs a login) reports "skipped" instead of running. Every check has
+its own timeout, and nothing changes: no migration, no download, no model loaded, no command synced. On the
+server backend torch is never imported. The Discord token is used, never printed.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ SERVER_TIMEOUT_SECONDS = 30.0
 LOCAL_TIMEOUT_SECONDS = 10.0
 GPU_HEADROOM = 1.2  # weights plus activations and the KV cache of a few answers
 LISTED = 5  # names shown in one line before "and N more"
+MAX_GUILDS_CHECKED = 10  # channel permissions cost three REST calls per guild
 
 # What the bot needs in a channel it answers in: README's invite URL grants exactly these.
 REQUIRED_PERMISSIONS = (
@@ -138,7 +139,8 @@ async def run_checks(settings: Settings) -> AsyncIterator[CheckResult]:
 
 async def _discord_checks(settings: DiscordSettings) -> AsyncIterator[CheckResult]:
     use_api_base(settings.api_base_url)
-    async with discord.Client(intents=discord.Intents(guilds=True)) as client:  # REST only; no warning
+    # REST only, so intents do not matter; without the guilds intent discord.py warns about its cache.
+    async with discord.Client(intents=discord.Intents(guilds=True)) as client:
         token = await check_token(client, settings)
         yield token
         if token.status is not Status.OK:
@@ -148,7 +150,7 @@ async def _discord_checks(settings: DiscordSettings) -> AsyncIterator[CheckResul
                 check_channels,
                 check_slash_commands,
             ):
-                yield dependent.skipped("needs an accepted token")
+                yield dependent.skipped("needs a Discord login")
             return
         yield await check_message_content_intent(client)
         guilds = await check_guilds(client, settings)
@@ -207,26 +209,20 @@ async def check_guilds(client: discord.Client, settings: DiscordSettings) -> str
 async def check_channels(client: discord.Client, settings: DiscordSettings) -> str:
     """In each allowed channel (with no channel allow-list: each text channel it can see in its allowed
     guilds) the bot can read, answer and open threads; permissions computed from roles and overwrites."""
-    assert client.user is not None
     listed = set(settings.allowed_channel_ids)
+    allowed = [
+        guild.id
+        async for guild in client.fetch_guilds(limit=None)
+        if not settings.allowed_guild_ids or guild.id in settings.allowed_guild_ids
+    ]
+    # Without a channel allow-list a bot in many guilds would take minutes: a sample tells enough.
+    checked = allowed if listed else allowed[:MAX_GUILDS_CHECKED]
     ready: list[str] = []
     lacking: list[str] = []
     found: set[int] = set()
-    async for partial in client.fetch_guilds(limit=None):
-        if settings.allowed_guild_ids and partial.id not in settings.allowed_guild_ids:
-            continue
-        guild = await client.fetch_guild(partial.id)
-        me = await guild.fetch_member(client.user.id)
-        for channel in await guild.fetch_channels():
-            permissions = channel.permissions_for(me)
-            if listed:
-                if channel.id not in listed:
-                    continue
-                found.add(channel.id)
-            elif not isinstance(channel, discord.TextChannel) or not permissions.view_channel:
-                continue  # a channel the bot cannot see sends it no messages: nothing to answer there
-            missing = [label for name, label in REQUIRED_PERMISSIONS if not getattr(permissions, name)]
-            where = f"#{channel.name} ({guild.name})"
+    for guild_id in checked:
+        for channel_id, where, missing in await _channel_permissions(client, guild_id, listed):
+            found.add(channel_id)
             if missing:
                 lacking.append(f"{where} lacks {', '.join(missing)}")
             else:
@@ -237,17 +233,38 @@ async def check_channels(client: discord.Client, settings: DiscordSettings) -> s
             "; ".join(lacking) + ": grant them to the bot's role (Server Settings → Roles, or the channel's "
             "Edit Channel → Permissions)"
         )
-    unknown = sorted(listed - found)
-    if unknown:
+    if listed - found:
         problems.append(
-            f"{_listing(str(channel_id) for channel_id in unknown)} in discord.allowed_channel_ids is not a "
-            "channel of the bot's allowed guilds: correct the list"
+            f"{_listing(str(channel_id) for channel_id in sorted(listed - found))} in "
+            "discord.allowed_channel_ids is not a channel of the bot's allowed guilds: correct the list"
         )
     if not ready and not problems:
         problems.append("the bot can see no text channel: give its role View Channel where it should answer")
     if problems:
         raise ConfigError("; ".join(problems))
-    return f"can read, answer and open threads in {_listing(ready)}"
+    sample = f" (in {len(checked)} of its {len(allowed)} guilds)" if len(checked) < len(allowed) else ""
+    return f"can read, answer and open threads in {_listing(ready)}{sample}"
+
+
+async def _channel_permissions(
+    client: discord.Client, guild_id: int, listed: set[int]
+) -> list[tuple[int, str, list[str]]]:
+    """(id, "#name (guild)", the required permissions it lacks) for each channel of the guild that the check
+    covers: those `listed`, or with none listed, each text channel the bot can see."""
+    assert client.user is not None
+    guild = await client.fetch_guild(guild_id)
+    me = await guild.fetch_member(client.user.id)
+    covered = []
+    for channel in await guild.fetch_channels():
+        permissions = channel.permissions_for(me)
+        if listed:
+            if channel.id not in listed:
+                continue
+        elif not isinstance(channel, discord.TextChannel) or not permissions.view_channel:
+            continue  # a channel the bot cannot see sends it no messages: nothing to answer there
+        missing = [label for name, label in REQUIRED_PERMISSIONS if not getattr(permissions, name)]
+        covered.append((channel.id, f"#{channel.name} ({guild.name})", missing))
+    return covered
 
 
 @check("Slash commands", timeout=DISCORD_TIMEOUT_SECONDS)

@@ -138,7 +138,7 @@ async def test_a_rejected_token_fails_once_and_skips_the_discord_checks(
     lines = capsys.readouterr().out.splitlines()
 
     assert lines[0] == "✗ Discord token: Discord rejected the bot token: check DISCORD_TOKEN"
-    assert lines[1:5] == [f"- {name}: skipped (needs an accepted token)" for name in DISCORD_CHECKS[1:]]
+    assert lines[1:5] == [f"- {name}: skipped (needs a Discord login)" for name in DISCORD_CHECKS[1:]]
     assert all(line.startswith("✓") for line in lines[5:]), lines
     assert "not-the-token" not in "\n".join(lines)
 
