@@ -294,3 +294,25 @@ async def test_without_cuda_the_cpu_is_fine_but_a_cuda_device_map_is_not(world: 
     failed = _failed(await _results(world.settings(model={"device_map": "cuda"})))
     assert list(failed) == ["GPU"]
     assert "asks for a CUDA GPU, but torch sees none" in failed["GPU"]
+
+
+async def test_a_listed_guild_the_bot_is_not_in_is_named(world: World) -> None:
+    results = await _results(world.settings(discord={"allowed_guild_ids": [world.guild_id, 42]}))
+    assert _failed(results) == {
+        "Guilds": "the bot is not in 42, which discord.allowed_guild_ids lists: invite it there, or correct "
+        "the list"
+    }
+    assert results["Channels"].detail == "skipped (needs the bot in a guild)"
+
+
+async def test_an_unreachable_discord_is_one_failure(world: World) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    api = f"http://127.0.0.1:{port}/api/v10"
+    results = await _results(world.settings(discord={"api_base_url": api}))
+    assert _failed(results) == {
+        "Discord token": f"cannot reach Discord at {api} (ClientConnectorError); check the network, or "
+        "discord.api_base_url"
+    }
+    assert [results[name].status for name in DISCORD_CHECKS[1:]] == [Status.SKIPPED] * 4
