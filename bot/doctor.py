@@ -82,9 +82,10 @@ class CheckResult:
 class Check(Generic[P]):
     """A named check: runs its body under a timeout and turns the outcome into a `CheckResult`."""
 
-    def __init__(self, name: str, timeout: float, body: Callable[P, Awaitable[str]]) -> None:
+    def __init__(self, name: str, timeout: float, hint: str, body: Callable[P, Awaitable[str]]) -> None:
         self.name = name
         self._timeout = timeout
+        self._hint = hint
         self._body = body
         functools.update_wrapper(self, body)
 
@@ -93,7 +94,7 @@ class Check(Generic[P]):
             async with asyncio.timeout(self._timeout):
                 detail = await self._body(*args, **kwargs)
         except TimeoutError:
-            return self._failed(f"no answer within {self._timeout:.0f} s: check the network and the address")
+            return self._failed(f"no result within {self._timeout:.0f} s: {self._hint}")
         except BotError as exc:
             return self._failed(str(exc))
         except discord.HTTPException as exc:
@@ -110,9 +111,12 @@ class Check(Generic[P]):
         return CheckResult(self.name, Status.FAILED, detail)
 
 
-def check(name: str, *, timeout: float) -> Callable[[Callable[P, Awaitable[str]]], Check[P]]:
-    """Make a check of a body that returns the ✓ detail or raises a BotError saying what to do."""
-    return lambda body: Check(name, timeout, body)
+def check(
+    name: str, *, timeout: float, hint: str = "check the network and the address in the config"
+) -> Callable[[Callable[P, Awaitable[str]]], Check[P]]:
+    """Make a check of a body that returns the ✓ detail or raises a BotError saying what to do; `hint` is
+    what to do when it takes longer than `timeout` seconds."""
+    return lambda body: Check(name, timeout, hint, body)
 
 
 async def run_doctor(settings: Settings) -> int:
@@ -293,7 +297,7 @@ async def check_model_files(model: ModelSettings) -> str:
     return f"{files.where}: {format_bytes(files.weights_bytes)} of weights"
 
 
-@check("GPU", timeout=GPU_TIMEOUT_SECONDS)
+@check("GPU", timeout=GPU_TIMEOUT_SECONDS, hint="check the GPU driver (nvidia-smi)")
 async def check_gpu(model: ModelSettings) -> str:
     """Whether the device map can be served, and the free GPU memory against the weights' size."""
     return await _blocking(_gpu_report, model)
@@ -358,7 +362,7 @@ async def check_database(storage: StorageSettings) -> str:
     raise ConfigError(f"{where} {state}: run python -m bot db upgrade")
 
 
-@check("Media directory", timeout=LOCAL_TIMEOUT_SECONDS)
+@check("Media directory", timeout=LOCAL_TIMEOUT_SECONDS, hint="check the disk or network file system")
 async def check_media_dir(storage: StorageSettings) -> str:
     """The media directory exists, the bot can write there, and only its owner can read it."""
     return await _blocking(_media_dir_report, storage.resolved_media_dir)
