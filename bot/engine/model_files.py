@@ -87,26 +87,28 @@ def use_cache_only(settings: ModelSettings) -> bool:
 def locate_model_files(settings: ModelSettings) -> ModelFiles:
     """Where the model `settings` name would load from, and its weights' size; downloads and loads nothing.
 
-    Blocking (file system, and for an uncached hub repo one request for its file list). Raises
-    ModelLoadError when `from_pretrained` could not find the files.
+    Blocking (file system; for a hub repo the hub probe, and when uncached one request for its file list).
+    Raises ModelLoadError when `from_pretrained` could not find the files.
     """
     check_local_path(settings.name_or_path)
     directory = Path(settings.name_or_path).expanduser()
     if directory.is_dir():
         return ModelFiles(f"directory {directory}", _weights_bytes(directory))
-    cache_only = settings.local_files_only or use_cache_only(settings)
+    offline = settings.local_files_only or huggingface_hub.constants.HF_HUB_OFFLINE
+    cache_only = offline or use_cache_only(settings)
     snapshot = _cached_snapshot(settings)
     if snapshot is not None:
+        where = f"{settings.name_or_path!r} in {_cache_name(settings)} ({snapshot})"
         try:
-            where = f"{settings.name_or_path!r} in {_cache_name(settings)} ({snapshot})"
             return ModelFiles(where, _weights_bytes(snapshot))
-        except ModelLoadError:
+        except ModelLoadError:  # an incomplete download: the hub can complete it, when it can be reached
             if cache_only:
                 raise
-    elif cache_only:
+    elif offline:
         raise ModelLoadError(
-            f"{settings.name_or_path!r} is not in {_cache_name(settings)}, and model.local_files_only is "
-            "set: download it once without local_files_only, or set model.name_or_path to its directory"
+            f"{settings.name_or_path!r} is not in {_cache_name(settings)}, and model.local_files_only (or "
+            "HF_HUB_OFFLINE) forbids downloading it: download it once without, or set model.name_or_path to "
+            "its directory"
         )
     where = (
         f"{settings.name_or_path!r} on the hub at {huggingface_hub.constants.ENDPOINT} (downloaded at start)"
