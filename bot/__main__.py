@@ -1,4 +1,4 @@
-"""Command line: `python -m bot {run,chat,db,make-tiny-model,sync-commands}`. Wiring only."""
+"""Command line: `python -m bot {run,chat,db,doctor,make-tiny-model,sync-commands}`. Wiring only."""
 
 from __future__ import annotations
 
@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         help="delete turns older than history.retention_days, and media files nothing uses",
     )
 
+    commands.add_parser(
+        "doctor",
+        parents=common,
+        help="check the set-up (Discord token, intent, permissions, commands, model, GPU, database, media) "
+        "without changing anything",
+    )
+
     tiny = commands.add_parser(
         "make-tiny-model", parents=common, help="build the tiny random Qwen2.5-VL used by tests"
     )
@@ -154,6 +161,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "db" and args.db_command == "purge":
         return asyncio.run(_purge(settings))
+    if args.command == "doctor":
+        from bot.doctor import run_doctor
+
+        return asyncio.run(run_doctor(settings))
     if args.command == "chat":
         from bot.chat import run_chat
 
@@ -178,7 +189,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the config and run the command; return the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    # The doctor's lines are its output: only warnings join them, unless asked for more.
+    configure_logging(
+        verbose=args.verbose, level=logging.WARNING if args.command == "doctor" else logging.INFO
+    )
     try:
         settings = load_settings(_settings_path(args.config))
         return _dispatch(args, settings)

@@ -25,7 +25,7 @@ def test_help_lists_the_subcommands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bot", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("run", "chat", "db", "make-tiny-model", "sync-commands"):
+    for command in ("run", "chat", "db", "doctor", "make-tiny-model", "sync-commands"):
         assert command in result.stdout
 
 

@@ -228,10 +228,10 @@ async def check_token(settings: DiscordSettings, token: SecretStr) -> None:
     """One REST call: is Discord reachable, and does it accept `token`? Run it before the model loads."""
     use_api_base(settings.api_base_url)
     async with discord.Client(intents=discord.Intents.none()) as client:
-        await _log_in(client, settings, token)
+        await log_in(client, settings, token)
 
 
-async def _log_in(client: discord.Client, settings: DiscordSettings, token: SecretStr) -> None:
+async def log_in(client: discord.Client, settings: DiscordSettings, token: SecretStr) -> None:
     """`client.login`, with its failures as one sentence each."""
     try:
         await client.login(token.get_secret_value())
@@ -252,7 +252,7 @@ async def sync_commands(settings: Settings, token: SecretStr) -> int:
     for command in build_commands():
         tree.add_command(command)
     async with client:
-        await _log_in(client, settings.discord, token)
+        await log_in(client, settings.discord, token)
         synced = await tree.sync()
     names = ", ".join(command.name for command in synced)
     print(f"Synced {len(synced)} commands: {names}")

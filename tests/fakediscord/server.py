@@ -1,13 +1,16 @@
 """A Discord-compatible gateway + REST API + CDN on 127.0.0.1, for end-to-end tests of the real client.
 
-The test builds a small world (guilds, channels, users with their guilds and roles, files), starts the
-server, points the bot at `api_base_url`, then plays users: `send_message`, `create_thread`,
-`slash_command`, `context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users'
-guilds. Every REST call the bot makes is recorded; `wait_for_request` and `wait_for_message` await them
-with a timeout. Messages the bot posts or edits are kept in `messages` with their current content.
-An interaction whose id is over 15 minutes old plays one deferred in time whose token has since expired: its
-callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token. `rate_limit_next` makes
-the next matching REST call meet a 429, as Discord's rate limiter sends it.
+The test builds a small world (guilds, channels, users with their guilds and roles, files), starts the server,
+points the bot at `api_base_url`, then plays users: `send_message`, `create_thread`, `slash_command`,
+`context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users' guilds. Roles hold
+every permission (administrator included) until `set_role_permissions` narrows them;
+`add_permission_overwrite` adds a channel overwrite; `application_flags` is what `GET
+/oauth2/applications/@me` says (the message content intent on, by default). Every REST call the bot makes is
+recorded; `wait_for_request` and `wait_for_message` await them with a timeout. Messages the bot posts or edits
+are kept in `messages` with their current content. An interaction whose id is over 15 minutes old plays one
+deferred in time whose token has since expired: its callback is accepted, its follow-ups and webhook edits get
+401 Invalid Webhook Token. `rate_limit_next` makes the next matching REST call meet a 429, as Discord's rate
+limiter sends it.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ class FakeDiscord:
         self.requests: list[RecordedRequest] = []
         self.messages: dict[int, Json] = {}
         self.commands: list[Json] = []
+        self.application_flags = payloads.GATEWAY_MESSAGE_CONTENT_LIMITED
         self.identify_payloads: list[Json] = []
         self._guilds: dict[int, Json] = {}
         self._users: dict[int, FakeUser] = {}
@@ -122,8 +126,12 @@ class FakeDiscord:
         api = web.RouteTableDef()
         api.get("/api/v10/gateway/bot")(self._get_gateway_bot)
         api.get("/api/v10/users/@me")(self._get_me)
+        api.get("/api/v10/users/@me/guilds")(self._get_my_guilds)
         api.get("/api/v10/oauth2/applications/@me")(self._get_application)
+        api.get("/api/v10/guilds/{guild_id}")(self._get_guild)
+        api.get("/api/v10/guilds/{guild_id}/channels")(self._get_guild_channels)
         api.get("/api/v10/guilds/{guild_id}/members/{user_id}")(self._get_member)
+        api.get("/api/v10/applications/{app_id}/commands")(self._get_commands)
         api.put("/api/v10/applications/{app_id}/commands")(self._put_commands)
         api.post("/api/v10/users/@me/channels")(self._open_dm)
         api.get("/api/v10/channels/{channel_id}")(self._get_channel)
@@ -191,6 +199,19 @@ class FakeDiscord:
             guild_id, name, self.owner.id, roles=roles, channels=channels, me=me
         )
         return guild_id, channel_ids, role_ids
+
+    def set_role_permissions(self, guild_id: int, role_id: int, permissions: int) -> None:
+        """Give a role (`guild_id` itself: @everyone) exactly `permissions` (a bit field)."""
+        for role in self._guilds[guild_id]["roles"]:
+            if int(role["id"]) == role_id:
+                role["permissions"] = str(permissions)
+
+    def add_permission_overwrite(
+        self, channel_id: int, role_id: int, *, allow: int = 0, deny: int = 0
+    ) -> None:
+        """A channel permission overwrite for a role (`guild_id`: @everyone)."""
+        overwrite = {"id": str(role_id), "type": 0, "allow": str(allow), "deny": str(deny)}
+        self._channels[channel_id]["permission_overwrites"].append(overwrite)
 
     def add_user(
         self,
@@ -542,7 +563,7 @@ class FakeDiscord:
             "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self._guilds],
             "session_id": secrets.token_hex(16),
             "resume_gateway_url": self.gateway_url,
-            "application": {"id": str(self.application_id), "flags": 0},
+            "application": {"id": str(self.application_id), "flags": self.application_flags},
             "private_channels": [],
             "relationships": [],
         }
@@ -570,18 +591,39 @@ class FakeDiscord:
         return _json(self.bot.payload)
 
     async def _get_application(self, request: web.Request) -> web.Response:
-        return _json(payloads.application(self.application_id, self.owner.payload))
+        return _json(
+            payloads.application(self.application_id, self.owner.payload, flags=self.application_flags)
+        )
+
+    async def _get_my_guilds(self, request: web.Request) -> web.Response:
+        return _json([payloads.partial_guild(guild) for guild in self._guilds.values()])
+
+    async def _get_guild(self, request: web.Request) -> web.Response:
+        guild = self._guilds.get(int(request.match_info["guild_id"]))
+        return _json(guild) if guild is not None else _error(404, "Unknown Guild", 10004)
+
+    async def _get_guild_channels(self, request: web.Request) -> web.Response:
+        guild_id = request.match_info["guild_id"]
+        if int(guild_id) not in self._guilds:
+            return _error(404, "Unknown Guild", 10004)
+        channels = [c for c in self._channels.values() if c.get("guild_id") == guild_id and c["type"] != 11]
+        return _json(channels)
 
     async def _get_member(self, request: web.Request) -> web.Response:
         guild = self._guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             return _error(404, "Unknown Guild", 10004)
+        if int(request.match_info["user_id"]) == self.bot.id:
+            return _json(guild["members"][0])
         user = self._users.get(int(request.match_info["user_id"]))
         if user is None or int(guild["id"]) not in user.guild_ids:
             return _error(404, "Unknown Member", 10007)
         guild_roles = {int(role["id"]) for role in guild["roles"]}
         roles = [role_id for role_id in user.role_ids if role_id in guild_roles]
         return _json(payloads.member(roles, with_user=user.payload))
+
+    async def _get_commands(self, request: web.Request) -> web.Response:
+        return _json(self.commands)
 
     async def _put_commands(self, request: web.Request) -> web.Response:
         body = await self._body(request)
