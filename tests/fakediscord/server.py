@@ -33,6 +33,7 @@ OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
 EPHEMERAL_FLAG = 64
 INTERACTION_TOKEN_SECONDS = 15 * 60
+_BODY = web.RequestKey("body", object)  # a request's parsed body, read once
 
 
 @dataclass(frozen=True)
@@ -433,7 +434,7 @@ class FakeDiscord:
     async def _body(self, request: web.Request) -> Any:
         """The request's JSON body (read once). A multipart body (a message with files, as discord.py sends
         it) gives its `payload_json` with the files, now served by the CDN, listed under "uploaded"."""
-        if "body" not in request:
+        if _BODY not in request:
             body: Any = None
             if request.content_type == "multipart/form-data":
                 form = await request.post()
@@ -449,8 +450,8 @@ class FakeDiscord:
                 body["uploaded"] = uploaded
             elif request.can_read_body:
                 body = await request.json()
-            request["body"] = body
-        return request["body"]
+            request[_BODY] = body
+        return request[_BODY]
 
     def file_data(self, url: str) -> bytes:
         """The bytes the CDN serves at `url` (an uploaded attachment's, for instance)."""
