@@ -21,8 +21,8 @@ from pathlib import Path
 
 from bot.content import ChatMessage, ConversationScope, MediaPart, StoredMedia, TextPart
 from bot.conversation import build_messages
-from bot.engine import Engine, EngineRequest
-from bot.errors import EmptyQuestion, QueueFull, StoreError, TooManyImages
+from bot.engine import Engine, EngineRequest, RequestHandle
+from bot.errors import AnswerStopped, EmptyQuestion, QueueFull, StoreError, TooManyImages
 from bot.media import MediaFetcher
 from bot.metrics import Metrics
 from bot.settings import Settings
@@ -35,6 +35,7 @@ _LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a str holds surrogates only w
 DEFAULT_IMAGE_QUESTION = "Describe this image."
 DEFAULT_VIDEO_QUESTION = "Describe this video."
 UNSAVED_NOTE = "\n\n-# ⚠️ I couldn't save this turn, so I won't remember it in follow-ups."
+STOPPED_NOTE = "\n\n-# ⏹️ Stopped."
 EMPTY_ANSWER_TEXT = (
     "(The model returned an empty answer. Try rephrasing the question, or /reset if the conversation "
     "has gone off track.)"
@@ -78,6 +79,27 @@ class Answer:
     text: str
     assistant_message_id: int | None  # None: a duplicate, or an answer the store failed to record
     duplicate: bool = False
+    stopped: bool = False  # ended early by `stop`: the text so far, recorded as the turn
+
+
+@dataclass(slots=True)
+class _Listeners:
+    """What follows one question: the caller's callbacks, and the engine's handle once it is submitted."""
+
+    on_text: Callable[[str], None] | None
+    on_queue_position: Callable[[int], None] | None
+    handle: RequestHandle | None = None
+    stopped_waiting: bool = False  # Stop came before generation: the waiting task was cancelled for it
+
+
+async def _route_stop(stop: asyncio.Event, listeners: _Listeners, task: asyncio.Task[object]) -> None:
+    """Once `stop` is set: end the generation at its next step, or, before it started, the wait for it."""
+    await stop.wait()
+    if listeners.handle is not None:
+        listeners.handle.stop()
+    else:
+        listeners.stopped_waiting = True
+        task.cancel()
 
 
 class _KeyedLocks:
@@ -135,15 +157,22 @@ class AnswerService:
         *,
         on_text: Callable[[str], None] | None = None,
         on_queue_position: Callable[[int], None] | None = None,
+        stop: asyncio.Event | None = None,
     ) -> Answer:
-        """Answer `question` in its conversation and record the turn; raise BotError subclasses on failure."""
+        """Answer `question` in its conversation and record the turn; raise BotError subclasses on failure.
+
+        Setting `stop` ends the answer at the model's next step: the text so far is recorded as the turn and
+        returned marked as stopped (AnswerStopped when nothing was written yet).
+        """
         started = time.monotonic()
         try:
-            answer = await self._answer_once(
-                question, self._timing_first_text(on_text, started), on_queue_position
-            )
+            listeners = _Listeners(self._timing_first_text(on_text, started), on_queue_position)
+            answer = await self._answer_once(question, listeners, stop)
         except asyncio.CancelledError:
             self._metrics.question_finished("cancelled")
+            raise
+        except AnswerStopped:
+            self._metrics.question_finished("stopped")
             raise
         except Exception as exc:
             self._metrics.question_finished("failed", exc)
@@ -152,9 +181,10 @@ class AnswerService:
             self._metrics.question_finished("duplicate")
         else:
             self._metrics.answered(time.monotonic() - started)
-            self._metrics.question_finished(
-                "answered" if answer.assistant_message_id is not None else "unsaved"
-            )
+            if answer.assistant_message_id is None:
+                self._metrics.question_finished("unsaved")
+            else:
+                self._metrics.question_finished("stopped" if answer.stopped else "answered")
         return answer
 
     def _timing_first_text(
@@ -175,10 +205,7 @@ class AnswerService:
         return timed
 
     async def _answer_once(
-        self,
-        question: Question,
-        on_text: Callable[[str], None] | None,
-        on_queue_position: Callable[[int], None] | None,
+        self, question: Question, listeners: _Listeners, stop: asyncio.Event | None
     ) -> Answer:
         """`answer`, with a question already in flight (the same Discord message) answered as a duplicate."""
         self.check(question)
@@ -187,17 +214,22 @@ class AnswerService:
             if in_flight_key in self._in_flight:
                 return Answer(text="", assistant_message_id=None, duplicate=True)
             self._in_flight.add(in_flight_key)
+        task = asyncio.current_task()
+        assert task is not None
+        watcher = asyncio.ensure_future(_route_stop(stop, listeners, task)) if stop is not None else None
         try:
-            return await self._answer(question, on_text, on_queue_position)
+            return await self._answer(question, listeners)
+        except asyncio.CancelledError:
+            if not listeners.stopped_waiting:
+                raise
+            task.uncancel()
+            raise AnswerStopped("stopped while waiting") from None
         finally:
             self._in_flight.discard(in_flight_key)
+            if watcher is not None:
+                watcher.cancel()
 
-    async def _answer(
-        self,
-        question: Question,
-        on_text: Callable[[str], None] | None,
-        on_queue_position: Callable[[int], None] | None,
-    ) -> Answer:
+    async def _answer(self, question: Question, listeners: _Listeners) -> Answer:
         conversation_id = await self._conversation_id(question)
         if question.discord_message_id is not None and await self._store.is_recorded(
             conversation_id, question.discord_message_id
@@ -213,12 +245,12 @@ class AnswerService:
         held: list[str] = []
         downloads = asyncio.ensure_future(self._download(question, held))
         try:
-            if waiting and on_queue_position is not None:
-                on_queue_position(waiting)
+            if waiting and listeners.on_queue_position is not None:
+                listeners.on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
                 media = await downloads
                 return await self._generate_and_record(
-                    question, conversation_id, _user_message(question, media), on_text, on_queue_position
+                    question, conversation_id, _user_message(question, media), listeners
                 )
         finally:
             if not downloads.done():
@@ -271,8 +303,7 @@ class AnswerService:
         question: Question,
         conversation_id: int,
         user_message: ChatMessage,
-        on_text: Callable[[str], None] | None,
-        on_queue_position: Callable[[int], None] | None,
+        listeners: _Listeners,
     ) -> Answer:
         """Load the window, generate and record the turn; the caller holds the conversation's lock."""
         key = question.scope.key
@@ -291,16 +322,19 @@ class AnswerService:
             EngineRequest(
                 messages=messages,
                 conversation_key=key,
-                on_text=on_text,
-                on_queue_position=on_queue_position,
+                on_text=listeners.on_text,
+                on_queue_position=listeners.on_queue_position,
             )
         )
+        listeners.handle = handle
         try:
             result = await handle.result()
         except asyncio.CancelledError:
             handle.cancel()
             raise
         self._metrics.tokens_generated(result.completion_tokens)
+        if result.stopped and not has_visible_text(result.text):
+            raise AnswerStopped("stopped before any text")
         try:
             recorded = await self._store.record_turn(
                 conversation_id,
@@ -308,7 +342,8 @@ class AnswerService:
             )
         except StoreError as exc:  # the answer is written: show it, and say it will not be remembered
             log.error("could not store the answer in %s: %s", key, exc)
-            return Answer(text=display_text(result.text) + UNSAVED_NOTE, assistant_message_id=None)
+            shown = display_text(result.text) + (STOPPED_NOTE if result.stopped else "")
+            return Answer(text=shown + UNSAVED_NOTE, assistant_message_id=None, stopped=result.stopped)
         log.info(
             "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
             key,
@@ -318,9 +353,10 @@ class AnswerService:
             result.generate_seconds,
         )
         return Answer(
-            text=display_text(result.text),
+            text=display_text(result.text) + (STOPPED_NOTE if result.stopped else ""),
             assistant_message_id=recorded.assistant_message_id,
             duplicate=recorded.duplicate,
+            stopped=result.stopped,
         )
 
     def check(self, question: Question) -> None:

@@ -12,6 +12,7 @@ BotError                      base; `user_message` is safe to show on Discord
 │   ├── CorruptMedia          looks like an image but does not decode
 │   ├── Unreachable           404/403/410, connection refused, DNS
 │   └── DownloadTimeout       the host was too slow, after retries
+├── AnswerStopped              the asker pressed Stop before any text was written
 ├── InputError                the question itself cannot be answered
 │   ├── EmptyQuestion
 │   ├── TooManyImages
@@ -110,6 +111,12 @@ class Unreachable(MediaError):
 
 class DownloadTimeout(MediaError):
     user_message = "Downloading that attachment took too long. Please try again or send a smaller file."
+
+
+class AnswerStopped(BotError):
+    """The asker (or a moderator) stopped the answer before the model wrote anything; nothing is stored."""
+
+    user_message = "⏹️ Stopped before I started answering."
 
 
 class InputError(BotError):

@@ -4,8 +4,8 @@ Layers get a `Metrics` and call its methods (`question_finished`, `media_failed`
 prometheus_client or global state. The engine's queue and batch figures are read from its own `EngineStats`
 at each scrape, so they have one owner. `bot.health` serves `registry` at /metrics. Imports no torch.
 
-    qwenbot_questions_total{outcome,error}   questions by outcome (answered, unsaved, duplicate, failed,
-                                             cancelled); `error` is the failure's class, "" otherwise
+    qwenbot_questions_total{outcome,error}   questions by outcome (answered, stopped, unsaved, duplicate,
+                                             failed, cancelled); `error` is the failure's class, "" otherwise
     qwenbot_first_text_seconds               question received → first streamed text (histogram)
     qwenbot_answer_seconds                   question received → whole answer (histogram)
     qwenbot_generated_tokens_total           tokens the model generated for answers

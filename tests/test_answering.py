@@ -23,6 +23,7 @@ from PIL import Image
 
 from bot.answering import (
     EMPTY_ANSWER_TEXT,
+    STOPPED_NOTE,
     UNSAVED_NOTE,
     AnswerService,
     AttachmentRef,
@@ -33,7 +34,14 @@ from bot.answering import (
 from bot.app import make_store, migrate, purge_periodically, running_service
 from bot.content import ConversationScope, StoredMedia
 from bot.engine import Engine, EngineRequest, EngineStats, GenerationResult, RequestHandle, create_engine
-from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
+from bot.errors import (
+    AnswerStopped,
+    EmptyQuestion,
+    EngineStopped,
+    QueueFull,
+    TooManyImages,
+    UnsupportedMediaType,
+)
 from bot.media import MediaFetcher
 from bot.metrics import Metrics
 from bot.settings import Settings
@@ -88,6 +96,9 @@ class HeldHandle:
 
     def cancel(self) -> bool:
         return self.handle.cancel()
+
+    def stop(self) -> None:
+        self.handle.stop()
 
 
 class SignallingFetcher(MediaFetcher):
@@ -479,3 +490,44 @@ async def test_a_reset_elsewhere_keeps_the_files_of_questions_waiting_for_their_
     window = await wiring.store.load_window(await wiring.store.conversation_for(OTHER_CHANNEL), 10)
     (kept,) = window[-2].media
     assert kept.path.is_file()
+
+
+async def test_stop_while_generating_keeps_and_records_the_text_so_far(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    settings = tiny_settings(tiny_model_dir, tmp_path / "data", generation={"max_new_tokens": 200})
+    async with wired(settings) as wiring:
+        service = wiring.service
+        full = await service.answer(Question(scope=OTHER_CHANNEL, text="tell me a long story"))
+        stop = asyncio.Event()
+        stopped = await service.answer(
+            Question(scope=CHANNEL, text="tell me a long story"), on_text=lambda _delta: stop.set(), stop=stop
+        )
+        assert stopped.stopped and stopped.text.endswith(STOPPED_NOTE)
+        partial = stopped.text.removesuffix(STOPPED_NOTE)
+        assert partial and full.text.startswith(partial) and len(partial) < len(full.text)
+        assert stopped.assistant_message_id is not None
+        await service.answer(Question(scope=CHANNEL, text="go on"))
+        assert wiring.engine.seen[-1][2]["content"][0]["text"] == partial, "a follow-up sees the text so far"
+        assert wiring.questions("stopped") == 1 and wiring.questions("answered") == 2
+
+
+async def test_stop_before_generation_ends_the_wait_and_stores_nothing(
+    service: AnswerService, wiring: Wiring
+) -> None:
+    release = wiring.engine.held = asyncio.Event()
+    wiring.engine.submitted.clear()
+    first = asyncio.create_task(service.answer(Question(scope=CHANNEL, text="first")))
+    await wiring.engine.submitted.wait()
+    stop = asyncio.Event()
+    waiting = asyncio.create_task(service.answer(Question(scope=CHANNEL, text="second"), stop=stop))
+    await asyncio.sleep(0.05)
+    stop.set()
+    with pytest.raises(AnswerStopped):
+        await asyncio.wait_for(waiting, timeout=5)  # at once: it does not wait for the first answer
+    assert not first.done()
+    release.set()
+    await first
+    stats = await service.stats(CHANNEL)
+    assert stats.turns == 1
+    assert wiring.questions("stopped", "") == 1

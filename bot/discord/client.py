@@ -25,6 +25,7 @@ from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
 from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
+from bot.discord.stopping import RunningAnswers, StopButton
 from bot.errors import ConfigError, DiscordUnreachable
 from bot.health import Readiness
 from bot.metrics import Metrics
@@ -93,7 +94,8 @@ class VisionBot(discord.Client):
         self.deliveries = DeliveryTracker()
         self._access = AccessPolicy(self, settings)
         self._limits = UserLimits(limits)
-        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access, self._limits)
+        self._running_answers = RunningAnswers()
+        self._messages = MessageHandler(self, self)
 
     @property
     def service(self) -> AnswerService:
@@ -115,6 +117,11 @@ class VisionBot(discord.Client):
         """The per-user limits, applied to messages and commands alike."""
         return self._limits
 
+    @property
+    def running_answers(self) -> RunningAnswers:
+        """The answers in progress that a Stop button can end."""
+        return self._running_answers
+
     async def login(self, token: str) -> None:
         """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""
         use_api_base(self._settings.api_base_url)
@@ -126,6 +133,9 @@ class VisionBot(discord.Client):
         log.info("logged in as %s (id %s); gateway %s", self.user, self.user and self.user.id, gateway_url)
 
     async def setup_hook(self) -> None:
+        self.add_dynamic_items(
+            StopButton
+        )  # Stop presses reach their answer, also on messages sent before a restart
         if not self._settings.sync_commands_on_start:
             return
         try:

@@ -103,6 +103,9 @@ class _RecordingHandle:
     def cancel(self) -> bool:
         return self.handle.cancel()
 
+    def stop(self) -> None:
+        self.handle.stop()
+
 
 @dataclass
 class RunningBot:

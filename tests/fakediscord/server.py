@@ -32,6 +32,9 @@ HEARTBEAT_INTERVAL_MS = 41_250
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
 EPHEMERAL_FLAG = 64
+DEFERRED_UPDATE = 6  # an interaction callback that only acknowledges a component
+# A plain member's permissions in a channel: view, send, read history, attach, embed (no manage messages).
+MEMBER_PERMISSIONS = str((1 << 10) | (1 << 11) | (1 << 16) | (1 << 15) | (1 << 14))
 INTERACTION_TOKEN_SECONDS = 15 * 60
 _BODY = web.RequestKey("body", object)  # a request's parsed body, read once
 
@@ -70,6 +73,7 @@ class _Interaction:
     token: str
     channel_id: int
     guild_id: int | None
+    kind: int = 2  # 2: a command, 3: a component (a button press)
     original_message_id: int | None = None
 
     @property
@@ -221,10 +225,16 @@ class FakeDiscord:
         bot: bool = False,
         role_ids: list[int] | None = None,
         guild_ids: list[int] | None = None,
+        accepts_dms: bool = True,
     ) -> FakeUser:
         """A user; `guild_ids` are the guilds they are a member of (what `GET .../members/{id}` answers)."""
         user = FakeUser(
-            snowflake(), name, bot=bot, role_ids=list(role_ids or []), guild_ids=list(guild_ids or [])
+            snowflake(),
+            name,
+            bot=bot,
+            role_ids=list(role_ids or []),
+            guild_ids=list(guild_ids or []),
+            accepts_dms=accepts_dms,
         )
         self._users[user.id] = user
         return user
@@ -476,16 +486,45 @@ class FakeDiscord:
                 return int(command["id"])
         return snowflake()
 
-    async def _interact(self, channel_id: int, user: FakeUser, data: Json, interaction_id: int | None) -> str:
+    async def press_button(
+        self,
+        message_id: int,
+        user: FakeUser,
+        custom_id: str,
+        *,
+        manage_messages: bool = False,
+        shown: Json | None = None,
+    ) -> str:
+        """A user presses a button of one of the bot's messages (INTERACTION_CREATE of type 3, carrying the
+        message as `shown`, by default its current state); they may manage messages in the channel only with
+        `manage_messages`. Returns the interaction token."""
+        message = shown or self.messages[message_id]
+        data = {"custom_id": custom_id, "component_type": 2}
+        permissions = payloads.ALL_PERMISSIONS if manage_messages else MEMBER_PERMISSIONS
+        return await self._interact(
+            int(message["channel_id"]), user, data, None, kind=3, message=message, permissions=permissions
+        )
+
+    async def _interact(
+        self,
+        channel_id: int,
+        user: FakeUser,
+        data: Json,
+        interaction_id: int | None,
+        *,
+        kind: int = 2,
+        message: Json | None = None,
+        permissions: str = payloads.ALL_PERMISSIONS,
+    ) -> str:
         channel = self._channels[channel_id]
         guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
         token = secrets.token_urlsafe(24)
-        interaction = _Interaction(interaction_id or snowflake(), token, channel_id, guild_id)
+        interaction = _Interaction(interaction_id or snowflake(), token, channel_id, guild_id, kind=kind)
         self._interactions[token] = interaction
         payload: Json = {
             "id": str(interaction.id),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
             "channel_id": str(channel_id),
             "channel": channel,
@@ -498,10 +537,15 @@ class FakeDiscord:
             "context": 0 if guild_id is not None else 1,
             "attachment_size_limit": 10 * 1024 * 1024,
         }
+        if message is not None:
+            payload["message"] = message
         if guild_id is not None:
             payload["guild_id"] = str(guild_id)
             payload["guild_locale"] = "en-US"
-            payload["member"] = payloads.member(user.role_ids, with_user=user.payload)
+            payload["member"] = {
+                **payloads.member(user.role_ids, with_user=user.payload),
+                "permissions": permissions,
+            }
         else:
             payload["user"] = user.payload
         await self.dispatch("INTERACTION_CREATE", payload)
@@ -528,6 +572,7 @@ class FakeDiscord:
             attachments=body.get("uploaded"),
         )
         data["allowed_mentions"] = body.get("allowed_mentions")
+        data["components"] = body.get("components") or []
         self.messages[int(data["id"])] = data
         return data
 
@@ -692,6 +737,13 @@ class FakeDiscord:
         if interaction is None:
             return _error(404, "Unknown interaction", 10062)
         body = await self._body(request)
+        if body["type"] == DEFERRED_UPDATE:  # a button press acknowledged: no message of its own
+            return _json(
+                {
+                    "interaction": {"id": str(interaction.id), "type": interaction.kind},
+                    "resource": {"type": DEFERRED_UPDATE},
+                }
+            )
         flags = (body.get("data") or {}).get("flags") or 0
         original = self._bot_message(interaction.channel_id, body.get("data") or {}, flags=flags)
         interaction.original_message_id = int(original["id"])
@@ -699,7 +751,7 @@ class FakeDiscord:
             {
                 "interaction": {
                     "id": str(interaction.id),
-                    "type": 2,
+                    "type": interaction.kind,
                     "response_message_id": original["id"],
                     "response_message_loading": body["type"] == 5,
                     "response_message_ephemeral": bool(flags & EPHEMERAL_FLAG),
@@ -754,4 +806,6 @@ class FakeDiscord:
             message["edited_timestamp"] = payloads.iso_now()
         if "uploaded" in body:  # the files sent replace the message's attachments
             message["attachments"] = body["uploaded"]
+        if "components" in body:
+            message["components"] = body["components"]
         return _json(message)
