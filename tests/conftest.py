@@ -8,6 +8,12 @@ from pathlib import Path
 import pytest
 
 from tests.inference.server import InferenceServer, start_inference_server
+from tests.store.backend import check_server_url, fresh_schema, required_server_url
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    check_server_url()
+    config.addinivalue_line("markers", "backend(name, reason): run this store test on that database only")
 
 
 @pytest.fixture(scope="session")
@@ -16,6 +22,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bot.engine.tiny_model import build_tiny_model
 
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
+
+
+@pytest.fixture
+def postgresql_url() -> Iterator[str]:
+    """A fresh, empty schema on the PostgreSQL server of `BOT_TEST_DATABASE_URL`, dropped after the test.
+
+    Skips the test without that variable, or fails it under CI (see `tests.store.backend`).
+    """
+    with fresh_schema(required_server_url()) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -19,7 +19,7 @@ from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 import migrations
 from bot.errors import ConfigError, StoreError
@@ -94,6 +94,13 @@ def upgrade(database_url: str, *, busy_timeout_ms: int = 5000) -> None:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate the database: {exc}") from exc
+        raise StoreError(f"cannot migrate the database: {_reason(exc)}") from exc
     finally:
         engine.dispose()
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    """The driver's own first line (e.g. "... port 5432 failed: Connection refused"), without SQLAlchemy's
+    statement and link to its error guide."""
+    text = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
