@@ -64,11 +64,19 @@ def use_gateway(gateway_url: str) -> None:
     DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
-class VisionBot(discord.Client):
-    """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands."""
+class VisionBot(discord.AutoShardedClient):
+    """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands.
+
+    It runs the shards `discord.shard_ids` names (all of them by default) of `discord.shard_count` (Discord's
+    recommendation by default); other processes may run the rest, on the same database.
+    """
 
     def __init__(self, settings: DiscordSettings, service: AnswerService, **options: Any) -> None:
-        super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, **options)
+        if settings.shard_ids is not None:
+            options["shard_ids"] = settings.shard_ids
+        super().__init__(
+            intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, shard_count=settings.shard_count, **options
+        )
         self._settings = settings
         self._service = service
         self.tree = GuardedCommandTree(self)
@@ -94,14 +102,25 @@ class VisionBot(discord.Client):
         return self._access
 
     async def login(self, token: str) -> None:
-        """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""
+        """Log in at the configured REST base URL; pick the gateway and the shard count (each configured, or
+        from `GET /gateway/bot`)."""
         use_api_base(self._settings.api_base_url)
         await super().login(token)
         gateway_url = self._settings.gateway_url
-        if gateway_url is None:
-            _shards, gateway_url, _limits = await self.http.get_bot_gateway()
-        use_gateway(gateway_url)
-        log.info("logged in as %s (id %s); gateway %s", self.user, self.user and self.user.id, gateway_url)
+        if gateway_url is None or self.shard_count is None:
+            recommended_shards, advertised_url, _limits = await self.http.get_bot_gateway()
+            gateway_url = gateway_url or advertised_url
+            self.shard_count = self.shard_count or recommended_shards
+        use_gateway(gateway_url)  # AutoShardedClient connects there once shard_count is known
+        shards = self.shard_ids or range(self.shard_count)
+        log.info(
+            "logged in as %s (id %s); gateway %s; shards %s of %d",
+            self.user,
+            self.user and self.user.id,
+            gateway_url,
+            ", ".join(map(str, shards)),
+            self.shard_count,
+        )
 
     async def setup_hook(self) -> None:
         if not self._settings.sync_commands_on_start:
@@ -114,7 +133,7 @@ class VisionBot(discord.Client):
         log.info("synced %d application commands", len(synced))
 
     async def on_ready(self) -> None:
-        log.info("connected to Discord; in %d guilds", len(self.guilds))
+        log.info("connected to Discord; in %d guilds on this process's shards", len(self.guilds))
 
     async def on_message(self, message: discord.Message) -> None:
         await self._messages.handle(message)
