@@ -1,4 +1,5 @@
-"""Two `python -m bot run` processes, one shard each, on one PostgreSQL database: the deployment ladder's top.
+"""Two `python -m bot run` processes, one shard each, on one PostgreSQL database and one inference server: the
+top of the deployment ladder.
 
 The loopback Discord routes each guild's events to its shard, so each guild's questions are answered once, by
 the process running its shard. Restarted with the shard ids swapped, the other process continues a thread's
@@ -22,6 +23,7 @@ from bot.store.models import Conversation, Message
 from tests.discord.harness import TOKEN
 from tests.fakediscord.payloads import Json
 from tests.fakediscord.server import FakeDiscord, FakeUser
+from tests.inference.server import InferenceServer
 from tests.tiny_settings import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,7 +90,7 @@ def questions_in(database_url: str, scope_key: str) -> list[str]:
 
 
 async def test_two_shard_processes_share_one_database(
-    tiny_model_dir: Path, postgresql_url: str, tmp_path: Path
+    tiny_model_dir: Path, inference_server: InferenceServer, postgresql_url: str, tmp_path: Path
 ) -> None:
     fake = FakeDiscord(token=TOKEN, shard_count=SHARDS)
     guild_a, (channel_a,), _ = fake.add_guild("A", ["general"], shard=0)
@@ -103,6 +105,8 @@ async def test_two_shard_processes_share_one_database(
             tmp_path / "data",  # one box: the processes share the media folder too
             discord={"api_base_url": fake.api_base_url, "shard_count": SHARDS, "shard_ids": [shard_id]},
             storage={"database_url": postgresql_url},
+            engine={"backend": "server"},
+            server={"base_url": inference_server.base_url, "model": inference_server.model},
             generation={"max_new_tokens": 2},
         )
 
