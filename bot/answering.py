@@ -252,14 +252,15 @@ class AnswerService:
         except StoreError as exc:  # the answer is written: show it, and say it will not be remembered
             log.error("could not store the answer in %s: %s", key, exc)
             return Answer(text=display_text(result.text) + UNSAVED_NOTE, assistant_message_id=None)
-        log.info(
-            "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
-            key,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.queue_seconds,
-            result.generate_seconds,
-        )
+        if not recorded.duplicate:  # else another process stored it first, and this answer is dropped
+            log.info(
+                "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
+                key,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.queue_seconds,
+                result.generate_seconds,
+            )
         return Answer(
             text=display_text(result.text),
             assistant_message_id=recorded.assistant_message_id,

@@ -3,7 +3,8 @@ top of the deployment ladder.
 
 The loopback Discord routes each guild's events to its shard, so each guild's questions are answered once, by
 the process running its shard. Restarted with the shard ids swapped, the other process continues a thread's
-conversation where the first left it: the history lives in the shared database, not in a process.
+conversation where the first left it: the history lives in the shared database, not in a process. During a
+hand-over both processes may run the same shard and get the same message: it is answered and stored once.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ SHARDS = 2
 async def shard_processes(
     fake: FakeDiscord, configs: Sequence[Path], logs: Sequence[Path]
 ) -> AsyncIterator[None]:
-    """`python -m bot run` once per config, all connected; stopped with SIGTERM (each must exit 0)."""
+    """`python -m bot run` per config, all connected; then SIGTERM: each exits 0 and its session closes."""
     processes = []
     for config, log in zip(configs, logs, strict=True):
         with log.open("ab") as output:
@@ -56,21 +57,25 @@ async def shard_processes(
                 process.send_signal(signal.SIGTERM)
         for process, log in zip(processes, logs, strict=True):
             assert await asyncio.wait_for(process.wait(), timeout=60) == 0, log.read_text()[-3000:]
+        await fake.wait_connected(0)  # their sessions are gone before the next processes connect
 
 
-async def ask(fake: FakeDiscord, channel: int, user: FakeUser, text: str) -> Json:
-    """Post a question mentioning the bot; return the bot's one finished reply to it."""
+def replies_to(message: Json, question: Json) -> bool:
+    return int((message.get("message_reference") or {}).get("message_id", 0)) == int(question["id"])
+
+
+async def ask(fake: FakeDiscord, channel: int, user: FakeUser, text: str) -> tuple[Json, Json]:
+    """Post a question mentioning the bot; return it and the bot's first reply to it with text."""
     question = await fake.send_message(channel, user, f"{fake.bot.mention} {text}")
-
-    def replies_to_question(message: Json) -> bool:
-        return int((message.get("message_reference") or {}).get("message_id", 0)) == int(question["id"])
-
     reply = await fake.wait_for_message(
-        channel, lambda m: replies_to_question(m) and m["content"], timeout=60
+        channel, lambda m: replies_to(m, question) and m["content"], timeout=60
     )
-    await asyncio.sleep(0.5)  # a second answer (a duplicate delivery) would have been posted by now
-    assert [m["id"] for m in fake.bot_messages(channel) if replies_to_question(m)] == [reply["id"]]
-    return reply
+    return question, reply
+
+
+def reply_count(fake: FakeDiscord, question: Json) -> int:
+    """How many messages of the bot reply to the question (once its processes have stopped: all it posted)."""
+    return sum(replies_to(message, question) for message in fake.bot_messages(int(question["channel_id"])))
 
 
 def questions_in(database_url: str, scope_key: str) -> list[str]:
@@ -89,6 +94,28 @@ def questions_in(database_url: str, scope_key: str) -> list[str]:
     return [part["text"] for content in contents for part in content if part["type"] == "text"]
 
 
+def shard_config(
+    folder: Path,
+    name: str,
+    model_dir: Path,
+    server: InferenceServer,
+    database_url: str,
+    fake: FakeDiscord,
+    shard_id: int,
+) -> Path:
+    """`folder/NAME.toml`: a process running shard `shard_id` of the fake's shards, on the shared database."""
+    return write_tiny_config(
+        folder / f"{name}.toml",
+        model_dir,
+        folder / "data",  # one box: the processes share the media folder too
+        discord={"api_base_url": fake.api_base_url, "shard_count": fake.shard_count, "shard_ids": [shard_id]},
+        storage={"database_url": database_url},
+        engine={"backend": "server"},
+        server={"base_url": server.base_url, "model": server.model},
+        generation={"max_new_tokens": 2},
+    )
+
+
 async def test_two_shard_processes_share_one_database(
     tiny_model_dir: Path, inference_server: InferenceServer, postgresql_url: str, tmp_path: Path
 ) -> None:
@@ -99,24 +126,16 @@ async def test_two_shard_processes_share_one_database(
     await fake.start()
 
     def config(name: str, shard_id: int) -> Path:
-        return write_tiny_config(
-            tmp_path / f"{name}.toml",
-            tiny_model_dir,
-            tmp_path / "data",  # one box: the processes share the media folder too
-            discord={"api_base_url": fake.api_base_url, "shard_count": SHARDS, "shard_ids": [shard_id]},
-            storage={"database_url": postgresql_url},
-            engine={"backend": "server"},
-            server={"base_url": inference_server.base_url, "model": inference_server.model},
-            generation={"max_new_tokens": 2},
-        )
+        return shard_config(tmp_path, name, tiny_model_dir, inference_server, postgresql_url, fake, shard_id)
 
     logs = [tmp_path / "first.log", tmp_path / "second.log"]
     try:
         async with shard_processes(fake, [config("first", 0), config("second", 1)], logs):
-            answer = await ask(fake, channel_a, alice, "question in A")
-            await ask(fake, channel_b, alice, "question in B")
+            question_a, answer = await ask(fake, channel_a, alice, "question in A")
+            question_b, _ = await ask(fake, channel_b, alice, "question in B")
             thread = await fake.create_thread(channel_a, int(answer["id"]), alice, "about A")
             await ask(fake, thread, alice, "first thread question")
+        assert reply_count(fake, question_a) == reply_count(fake, question_b) == 1
         first_log, second_log = (log.read_text() for log in logs)
         assert f"answered in discord:{guild_a}:" in first_log and f"discord:{guild_b}:" not in first_log
         assert f"answered in discord:{guild_b}:" in second_log and f"discord:{guild_a}:" not in second_log
@@ -133,3 +152,30 @@ async def test_two_shard_processes_share_one_database(
         ]
     finally:
         await fake.close()
+
+
+async def test_a_message_both_processes_get_during_a_hand_over_is_answered_once(
+    tiny_model_dir: Path, inference_server: InferenceServer, postgresql_url: str, tmp_path: Path
+) -> None:
+    fake = FakeDiscord(token=TOKEN, shard_count=1)
+    guild, (channel,), _ = fake.add_guild("G", ["general"])
+    alice = fake.add_user("alice")
+    await fake.start()
+    configs = [
+        shard_config(tmp_path, name, tiny_model_dir, inference_server, postgresql_url, fake, 0)
+        for name in ("old", "new")
+    ]
+    logs = [tmp_path / "old.log", tmp_path / "new.log"]
+    try:
+        async with shard_processes(fake, configs, logs):  # both run shard 0: both get every message
+            question, _ = await ask(fake, channel, alice, "who answers?")
+            async with asyncio.timeout(60):  # the other process answered too, or found the turn stored
+                while not all("answered" in log.read_text() for log in logs):
+                    await asyncio.sleep(0.1)
+    finally:
+        await fake.close()
+    assert reply_count(fake, question) == 1, "the second answer is taken back"
+    outputs = [log.read_text() for log in logs]
+    assert sum(output.count("answered in discord:") for output in outputs) == 1, outputs
+    assert sum(output.count("was already answered") for output in outputs) == 1, outputs
+    assert questions_in(postgresql_url, f"discord:{guild}:{channel}:{channel}") == ["who answers?"]

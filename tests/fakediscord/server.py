@@ -382,9 +382,9 @@ class FakeDiscord:
         return [r for r in self.requests if r.method == method and path_part in r.path]
 
     async def wait_connected(self, count: int = 1, *, timeout: float = 30.0) -> None:
-        """Wait until `count` gateway sessions have identified and received their guilds."""
+        """Wait until exactly `count` gateway sessions are open, each identified and sent its guilds."""
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: len(self._shards) >= count)
+            await self._changed.wait_for(lambda: len(self._shards) == count)
 
     # --- internals ---
 
