@@ -13,7 +13,7 @@ from tests.store.backend import check_server_url, fresh_schema, required_server_
 
 def pytest_configure(config: pytest.Config) -> None:
     check_server_url()
-    config.addinivalue_line("markers", "backend(name, reason): run this store test on that database only")
+    config.addinivalue_line("markers", "database(name, reason): run this store test on that database only")
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,7 @@
 """The databases the store tests run on: a SQLite file, and the PostgreSQL server in `BOT_TEST_DATABASE_URL`.
 
 Every test that uses the `database_url` fixture runs once per backend (ids `[sqlite]` and `[postgresql]`),
-unless marked `sqlite_only` or `postgresql_only` (the `backend` marker). On PostgreSQL each test gets its own
+unless marked `sqlite_only` or `postgresql_only` (the `database` marker). On PostgreSQL each test gets its own
 empty schema (the test's URL sets `search_path` to it), which the migrations fill and which is dropped with
 `DROP SCHEMA ... CASCADE` after the test. Without `BOT_TEST_DATABASE_URL` the PostgreSQL cases are skipped,
 except under `CI=true`, where they fail: CI never skips them silently (`.ci/run` starts a server).
@@ -50,12 +50,12 @@ def required_server_url() -> str:
 
 def sqlite_only(reason: str) -> pytest.MarkDecorator:
     """Run a test of SQLite-specific behaviour (`reason` says which) on SQLite only."""
-    return pytest.mark.backend("sqlite", reason=f"SQLite-specific: {reason}")
+    return pytest.mark.database("sqlite", reason=f"SQLite-specific: {reason}")
 
 
 def postgresql_only(reason: str) -> pytest.MarkDecorator:
     """Run a test of PostgreSQL-specific behaviour (`reason` says which) on PostgreSQL only."""
-    return pytest.mark.backend("postgresql", reason=f"PostgreSQL-specific: {reason}")
+    return pytest.mark.database("postgresql", reason=f"PostgreSQL-specific: {reason}")
 
 
 @contextmanager

@@ -1,7 +1,7 @@
 """Fixtures for the store tests: a migrated database on each backend, and a media folder.
 
 `database_url` is a SQLite file in tmp_path, or a fresh PostgreSQL schema (see `tests.store.backend`); every
-test that uses it runs on both, or on the one its `backend` marker names.
+test that uses it runs on both, or on the one its `database` marker names.
 """
 
 from __future__ import annotations
@@ -17,18 +17,19 @@ from tests.store.backend import BACKENDS
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if "database_url" in metafunc.fixturenames:
-        marker = metafunc.definition.get_closest_marker("backend")
-        metafunc.parametrize("backend", [marker.args[0]] if marker else BACKENDS, indirect=True)
+        marker = metafunc.definition.get_closest_marker("database")
+        metafunc.parametrize("database", [marker.args[0]] if marker else BACKENDS, indirect=True)
 
 
 @pytest.fixture
-def backend(request: pytest.FixtureRequest) -> str:
+def database(request: pytest.FixtureRequest) -> str:
+    """Which database this case runs on: "sqlite" or "postgresql"."""
     return str(request.param)
 
 
 @pytest.fixture
-def database_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
-    if backend == "sqlite":
+def database_url(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if database == "sqlite":
         return f"sqlite:///{(tmp_path / 'data' / 'bot.sqlite3').as_posix()}"
     return str(request.getfixturevalue("postgresql_url"))
 
