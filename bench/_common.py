@@ -275,6 +275,7 @@ def server_bot_settings(
 ) -> Settings:
     """The tests' tiny settings (tests/tiny_settings.py) on the server backend, straight to `inference`
     (no proxy), Discord and the CDN on loopback, the minimum edit interval; `sections` add to each section."""
+    from tests.discord.harness import UNLIMITED
     from tests.tiny_settings import tiny_settings
 
     data: dict[str, dict[str, Any]] = {
@@ -282,6 +283,7 @@ def server_bot_settings(
         "media": {"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
         "engine": {"backend": "server"},
         "server": {"base_url": inference.base_url, "model": inference.model},
+        "limits": UNLIMITED,  # one benchmark user asks many questions at once
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}

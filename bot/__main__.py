@@ -1,4 +1,4 @@
-"""Command line: `python -m bot {run,chat,db,make-tiny-model,sync-commands}`. Wiring only."""
+"""Command line: `python -m bot {run,chat,db,doctor,make-tiny-model,sync-commands}`. Wiring only."""
 
 from __future__ import annotations
 
@@ -63,7 +63,11 @@ def _parser() -> argparse.ArgumentParser:
         "--image", type=Path, action="append", default=[], help="image or video file (repeatable)"
     )
     chat.add_argument("--model", help="model name or local directory (overrides the config)")
-    chat.add_argument("--conversation", default="default", help="named history to use (default: %(default)s)")
+    chat.add_argument(
+        "--conversation",
+        help="named history to continue (default: a one-shot question starts fresh and is not kept; "
+        "an interactive session continues 'default')",
+    )
     chat.add_argument("--reset", action="store_true", help="forget that history first")
 
     db = commands.add_parser("db", parents=common, help="database maintenance")
@@ -73,6 +77,13 @@ def _parser() -> argparse.ArgumentParser:
         "purge",
         parents=common,
         help="delete turns older than history.retention_days, and media files nothing uses",
+    )
+
+    commands.add_parser(
+        "doctor",
+        parents=common,
+        help="check the set-up (Discord token, intent, permissions, commands, model, GPU, database, media) "
+        "without changing anything",
     )
 
     tiny = commands.add_parser(
@@ -117,13 +128,20 @@ async def _purge(settings: Settings) -> int:
 async def _run_bot(settings: Settings, token: SecretStr) -> None:
     from bot.app import purge_periodically, running_service
     from bot.discord import check_token, run_discord
+    from bot.health import Readiness, serving_health
+    from bot.metrics import Metrics
 
     # A wrong token or an unreachable Discord is said in seconds, not after loading the model.
     await check_token(settings.discord, token)
-    async with running_service(settings) as service:
+    metrics, readiness = Metrics(), Readiness()
+    # The health endpoints come up first, so /readyz says "the model is loading" while it loads.
+    async with (
+        serving_health(settings.metrics, metrics, readiness),
+        running_service(settings, metrics=metrics, readiness=readiness) as service,
+    ):
         purging = asyncio.create_task(purge_periodically(service), name="retention-purge")
         try:
-            await run_discord(settings, token, service)
+            await run_discord(settings, token, service, metrics=metrics, readiness=readiness)
         finally:
             purging.cancel()
 
@@ -143,6 +161,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     if args.command == "db" and args.db_command == "purge":
         return asyncio.run(_purge(settings))
+    if args.command == "doctor":
+        from bot.doctor import run_doctor
+
+        return asyncio.run(run_doctor(settings))
     if args.command == "chat":
         from bot.chat import run_chat
 
@@ -167,7 +189,10 @@ def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the config and run the command; return the exit status."""
     args = _parser().parse_args(argv)
-    configure_logging(verbose=args.verbose)
+    # The doctor's lines are its output: only warnings join them, unless asked for more.
+    configure_logging(
+        verbose=args.verbose, level=logging.WARNING if args.command == "doctor" else logging.INFO
+    )
     try:
         settings = load_settings(_settings_path(args.config))
         return _dispatch(args, settings)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 import unicodedata
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -23,6 +24,7 @@ from bot.conversation import build_messages
 from bot.engine import Engine, EngineRequest
 from bot.errors import EmptyQuestion, QueueFull, StoreError, TooManyImages
 from bot.media import MediaFetcher
+from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
 
@@ -74,7 +76,7 @@ class Answer:
     """The answer to show (never empty) and where it was recorded."""
 
     text: str
-    assistant_message_id: int | None
+    assistant_message_id: int | None  # None: a duplicate, or an answer the store failed to record
     duplicate: bool = False
 
 
@@ -103,15 +105,25 @@ class _KeyedLocks:
 
 
 class AnswerService:
-    """Answers questions in conversations; owns no resources, only wires store, media and engine."""
+    """Answers questions in conversations; owns no resources, only wires store, media and engine.
+
+    `metrics` counts every question by outcome, with its time to first text and to the whole answer.
+    """
 
     def __init__(
-        self, settings: Settings, store: ConversationStore, media: MediaFetcher, engine: Engine
+        self,
+        settings: Settings,
+        store: ConversationStore,
+        media: MediaFetcher,
+        engine: Engine,
+        *,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._store = store
         self._media = media
         self._engine = engine
+        self._metrics = metrics or Metrics()
         self._conversation_locks = _KeyedLocks()
         self._in_flight: set[tuple[str, int]] = set()
         # sha256 → questions in flight holding that media file (a reset elsewhere must not delete it).
@@ -125,6 +137,50 @@ class AnswerService:
         on_queue_position: Callable[[int], None] | None = None,
     ) -> Answer:
         """Answer `question` in its conversation and record the turn; raise BotError subclasses on failure."""
+        started = time.monotonic()
+        try:
+            answer = await self._answer_once(
+                question, self._timing_first_text(on_text, started), on_queue_position
+            )
+        except asyncio.CancelledError:
+            self._metrics.question_finished("cancelled")
+            raise
+        except Exception as exc:
+            self._metrics.question_finished("failed", exc)
+            raise
+        if answer.duplicate:
+            self._metrics.question_finished("duplicate")
+        else:
+            self._metrics.answered(time.monotonic() - started)
+            self._metrics.question_finished(
+                "answered" if answer.assistant_message_id is not None else "unsaved"
+            )
+        return answer
+
+    def _timing_first_text(
+        self, on_text: Callable[[str], None] | None, started: float
+    ) -> Callable[[str], None] | None:
+        """`on_text`, noting in the metrics when the first piece of text arrives."""
+        if on_text is None:
+            return None
+        first = True
+
+        def timed(delta: str) -> None:
+            nonlocal first
+            if first:
+                first = False
+                self._metrics.first_text(time.monotonic() - started)
+            on_text(delta)
+
+        return timed
+
+    async def _answer_once(
+        self,
+        question: Question,
+        on_text: Callable[[str], None] | None,
+        on_queue_position: Callable[[int], None] | None,
+    ) -> Answer:
+        """`answer`, with a question already in flight (the same Discord message) answered as a duplicate."""
         self.check(question)
         in_flight_key = (question.scope.key, question.discord_message_id or 0)
         if question.discord_message_id is not None:
@@ -244,6 +300,7 @@ class AnswerService:
         except asyncio.CancelledError:
             handle.cancel()
             raise
+        self._metrics.tokens_generated(result.completion_tokens)
         try:
             recorded = await self._store.record_turn(
                 conversation_id,

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from bot.answering import AnswerService
 from bot.engine import create_engine
 from bot.errors import BotError, ConfigError
+from bot.health import Readiness
 from bot.media import MediaFetcher
+from bot.metrics import Metrics
 from bot.settings import Settings, StorageSettings
 from bot.store import ConversationStore, upgrade
 
@@ -28,12 +31,13 @@ def migrate(storage: StorageSettings) -> None:
     upgrade(storage.resolved_database_url, busy_timeout_ms=storage.sqlite_busy_timeout_ms)
 
 
-def make_store(storage: StorageSettings) -> ConversationStore:
+def make_store(storage: StorageSettings, metrics: Metrics | None = None) -> ConversationStore:
     """The conversation store for these storage settings (not yet opened)."""
     return ConversationStore(
         storage.resolved_database_url,
         storage.resolved_media_dir,
         busy_timeout_ms=storage.sqlite_busy_timeout_ms,
+        metrics=metrics,
     )
 
 
@@ -59,22 +63,33 @@ async def purge_periodically(service: AnswerService, interval: float = PURGE_INT
 
 
 @asynccontextmanager
-async def running_service(settings: Settings) -> AsyncIterator[AnswerService]:
+async def running_service(
+    settings: Settings, *, metrics: Metrics | None = None, readiness: Readiness | None = None
+) -> AsyncIterator[AnswerService]:
     """Migrate the database, open the store, the media fetcher and the engine (the in-process model or an
-    inference server, as `engine.backend` says); close them all on exit."""
+    inference server, as `engine.backend` says); close them all on exit.
+
+    Every part records into `metrics`; the database and the engine are on `readiness` while they run.
+    """
+    metrics = metrics or Metrics()
+    readiness = readiness or Readiness()
     log.info("applying database migrations")
     await asyncio.to_thread(migrate, settings.storage)
     async with (
-        make_store(settings.storage) as store,
-        MediaFetcher(settings.media, settings.storage.resolved_media_dir) as media,
+        make_store(settings.storage, metrics) as store,
+        MediaFetcher(settings.media, settings.storage.resolved_media_dir, metrics=metrics) as media,
     ):
         engine = create_engine(settings)
+        metrics.watch_engine(lambda: engine.stats)
         if settings.engine.backend == "server":
             log.info("checking the inference server at %s", settings.server.base_url)
         else:
             log.info("loading model %s", settings.model.name_or_path)
-        await engine.start()
-        try:
-            yield AnswerService(settings, store, media, engine)
-        finally:
-            await engine.stop()
+        with readiness.watch("database", store.readiness), readiness.watch("engine", engine.readiness):
+            started = time.monotonic()
+            await engine.start()
+            metrics.engine_started(time.monotonic() - started)
+            try:
+                yield AnswerService(settings, store, media, engine, metrics=metrics)
+            finally:
+                await engine.stop()

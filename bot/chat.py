@@ -1,8 +1,9 @@
 """`python -m bot chat`: the same engine, store and media checks as the bot, in a terminal.
 
 Lets a user check the model and GPU set-up before creating a Discord application. Answers stream to the
-terminal; the history is stored like a channel's, so follow-ups (and later runs with the same
-`--conversation`) see earlier turns and images.
+terminal. A one-shot question starts fresh and leaves nothing stored, unless `--conversation NAME` names a
+history to continue; an interactive session continues its named history (`default` unless told) and says so.
+Histories are stored like a channel's, so follow-ups see earlier turns and images.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import sys
+import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ HELP = """Type a question and press Enter. Commands:
   /reset        forget this conversation
   /history      show how many turns and images are stored
   /quit         leave (Ctrl-D works too)"""
+INTERACTIVE_CONVERSATION = "default"  # the history an interactive session continues when none is named
 
 
 def conversation_scope(name: str) -> ConversationScope:
@@ -38,23 +41,42 @@ async def run_chat(
     *,
     question: str | None,
     images: list[Path],
-    conversation: str,
+    conversation: str | None,
     reset: bool,
     out: TextIO | None = None,
 ) -> int:
-    """Answer one question (when given) or run an interactive session; return the exit status."""
+    """Answer one question (when given) or run an interactive session; return the exit status.
+
+    `conversation` names the stored history to continue; None means a fresh one-shot question (forgotten
+    once answered) or, interactively, the `default` history.
+    """
     out = out or sys.stdout
     missing = [str(path) for path in images if not path.is_file()]
     if missing:  # said before the model loads, which can take minutes
         print(f"No such file: {', '.join(missing)}", file=out)
         return 1
-    scope = conversation_scope(conversation)
+    one_shot = question is not None or bool(images)
+    if conversation is None and one_shot:
+        scope = conversation_scope(f"one-shot-{uuid.uuid4()}")
+        async with running_service(settings) as service:
+            try:
+                return await _ask(service, scope, question or "", images, out)
+            finally:
+                await service.reset(scope)
+    name = conversation or INTERACTIVE_CONVERSATION
+    scope = conversation_scope(name)
     async with running_service(settings) as service:
         if reset:
             forgotten = await service.reset(scope)
             print(f"Forgot {forgotten.messages_deleted // 2} turns.", file=out)
-        if question is not None or images:
+        if one_shot:
             return await _ask(service, scope, question or "", images, out)
+        stats = await service.stats(scope)
+        print(
+            f"Conversation {name!r}: {stats.turns} earlier turns remembered "
+            "(/reset forgets them; --conversation NAME picks another).",
+            file=out,
+        )
         print(HELP, file=out)
         return await _interactive(service, scope, out)
 

@@ -14,7 +14,8 @@ BotError                      base; `user_message` is safe to show on Discord
 │   └── DownloadTimeout       the host was too slow, after retries
 ├── InputError                the question itself cannot be answered
 │   ├── EmptyQuestion
-│   └── TooManyImages
+│   ├── TooManyImages
+│   └── UserLimited           the asker is over their per-user limits (Discord only)
 ├── EngineError               inference failed
 │   ├── ModelLoadError        the model cannot be loaded (start-up only)
 │   ├── QueueFull             too many questions waiting
@@ -125,6 +126,35 @@ class TooManyImages(InputError):
     def __init__(self, detail: str = "", *, limit: int) -> None:
         super().__init__(detail, user_message=self.user_message.format(limit=limit))
         self.limit = limit
+
+
+class UserLimited(InputError):
+    """The asker has too many questions in flight, or asks too fast; `retry_after` seconds, when known."""
+
+    def __init__(self, detail: str, *, user_message: str, retry_after: float | None) -> None:
+        super().__init__(detail, user_message=user_message)
+        self.retry_after = retry_after
+        self.notify = True  # False: the user was told moments ago; say nothing this time
+
+    @classmethod
+    def busy(cls, limit: int) -> UserLimited:
+        """Refused: `limit` questions of this user are already waiting or being answered."""
+        return cls(
+            f"{limit} questions in flight",
+            user_message=f"You already have {limit} questions waiting for answers. "
+            "Please ask again once one of them is answered.",
+            retry_after=None,
+        )
+
+    @classmethod
+    def too_fast(cls, seconds: int) -> UserLimited:
+        """Refused by the rate limit: the next question is welcome in `seconds` seconds."""
+        unit = "second" if seconds == 1 else "seconds"
+        return cls(
+            f"rate limited for {seconds}s",
+            user_message=f"You're asking faster than I can keep up. Please try again in {seconds} {unit}.",
+            retry_after=seconds,
+        )
 
 
 class EngineError(BotError):

@@ -22,10 +22,10 @@ class RedactSignedUrls(logging.Filter):
         return True
 
 
-def configure_logging(*, verbose: bool) -> None:
-    """Log to stderr at INFO (DEBUG when `verbose`), with signed URLs redacted."""
+def configure_logging(*, verbose: bool, level: int = logging.INFO) -> None:
+    """Log to stderr at `level` (DEBUG when `verbose`), with signed URLs redacted."""
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else level,
         format="%(asctime)s %(levelname)-7s %(name)s: %(message)s",
     )
     for handler in logging.getLogger().handlers:

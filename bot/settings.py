@@ -39,6 +39,7 @@ class DiscordSettings(_Section):
     answer_in_bot_threads_without_mention: bool = True
     sync_commands_on_start: bool = True
     stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
+    answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
     shard_count: int | None = Field(default=None, ge=1)  # None: Discord's recommendation (GET /gateway/bot)
     shard_ids: list[int] | None = None  # the shards this process runs; None: all of them
 
@@ -53,6 +54,15 @@ class DiscordSettings(_Section):
         if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
             raise ValueError(f"shard_ids must be between 0 and shard_count - 1 ({self.shard_count - 1})")
         return self
+
+
+class LimitSettings(_Section):
+    """Per-user limits on questions (messages and commands alike); members with an exempt role skip them."""
+
+    max_in_flight_per_user: int = Field(default=3, ge=1)
+    questions_per_minute: float = Field(default=6.0, gt=0)  # the token bucket's refill rate
+    burst: int = Field(default=5, ge=1)  # questions a user may ask at once before the rate applies
+    exempt_role_ids: list[int] = Field(default_factory=list)
 
 
 class ModelSettings(_Section):
@@ -182,10 +192,19 @@ class ServerSettings(_Section):
         return SecretStr(value) if value else None
 
 
+class MetricsSettings(_Section):
+    """The HTTP endpoint for Prometheus metrics and health checks (`bot.health`); off by default."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"  # loopback: reachable from this machine only
+    port: int = Field(default=9464, ge=0, le=65535)  # 0: any free port
+
+
 class Settings(_Section):
     """The whole configuration."""
 
     discord: DiscordSettings = Field(default_factory=DiscordSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
     model: ModelSettings = Field(default_factory=ModelSettings)
     vision: VisionSettings = Field(default_factory=VisionSettings)
     generation: GenerationSettings = Field(default_factory=GenerationSettings)
@@ -194,6 +213,7 @@ class Settings(_Section):
     media: MediaSettings = Field(default_factory=MediaSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     server: ServerSettings = Field(default_factory=ServerSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
 
     @model_validator(mode="after")
     def _reply_fits_the_context(self) -> Settings:

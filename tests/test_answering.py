@@ -35,6 +35,7 @@ from bot.content import ConversationScope, StoredMedia
 from bot.engine import Engine, EngineRequest, EngineStats, GenerationResult, RequestHandle, create_engine
 from bot.errors import EmptyQuestion, EngineStopped, QueueFull, TooManyImages, UnsupportedMediaType
 from bot.media import MediaFetcher
+from bot.metrics import Metrics
 from bot.settings import Settings
 from bot.store import ConversationStore
 from tests.engine.media_files import write_mp4
@@ -108,20 +109,28 @@ class Wiring:
     store: ConversationStore
     media: SignallingFetcher
     engine: WatchedEngine
+    metrics: Metrics
+
+    def questions(self, outcome: str, error: str = "") -> float:
+        """How many questions ended with `outcome` (and `error`), as the metrics count them."""
+        labels = {"outcome": outcome, "error": error}
+        return self.metrics.registry.get_sample_value("qwenbot_questions_total", labels) or 0.0
 
 
 @asynccontextmanager
 async def wired(settings: Settings) -> AsyncIterator[Wiring]:
     """The service on the real store, media fetcher and engine, as `bot.app.running_service` makes it."""
     await asyncio.to_thread(migrate, settings.storage)
+    metrics = Metrics()
     async with (
-        make_store(settings.storage) as store,
-        SignallingFetcher(settings.media, settings.storage.resolved_media_dir) as media,
+        make_store(settings.storage, metrics) as store,
+        SignallingFetcher(settings.media, settings.storage.resolved_media_dir, metrics=metrics) as media,
     ):
         engine = WatchedEngine(create_engine(settings))
         await engine.start()
         try:
-            yield Wiring(AnswerService(settings, store, media, engine), store, media, engine)
+            service = AnswerService(settings, store, media, engine, metrics=metrics)
+            yield Wiring(service, store, media, engine, metrics)
         finally:
             await engine.stop()
 
@@ -214,13 +223,16 @@ async def test_bad_attachment_stores_nothing(service: AnswerService, tmp_path: P
     assert (await service.stats(CHANNEL)).turns == 0
 
 
-async def test_the_same_discord_message_twice_is_answered_once(service: AnswerService) -> None:
+async def test_the_same_discord_message_twice_is_answered_once(
+    service: AnswerService, wiring: Wiring
+) -> None:
     question = Question(scope=CHANNEL, text="hello", discord_message_id=42)
     first, second = await asyncio.gather(service.answer(question), service.answer(question))
     third = await service.answer(question)
     assert sorted([first.duplicate, second.duplicate]) == [False, True]
     assert third.duplicate and third.text == ""
     assert (await service.stats(CHANNEL)).turns == 1
+    assert (wiring.questions("answered"), wiring.questions("duplicate")) == (1, 2)
 
 
 async def test_thread_starts_from_the_parent_conversation_and_continues_alone(
@@ -267,7 +279,7 @@ async def test_history_survives_a_restart(tiny_model_dir: Path, tmp_path: Path, 
 
 
 async def test_an_answer_the_store_cannot_save_is_still_shown_with_a_note(
-    service: AnswerService, tmp_path: Path
+    service: AnswerService, wiring: Wiring, tmp_path: Path
 ) -> None:
     with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:  # writes of turns fail from now on
         db.execute(
@@ -277,6 +289,7 @@ async def test_an_answer_the_store_cannot_save_is_still_shown_with_a_note(
     assert answer.text.endswith(UNSAVED_NOTE) and answer.text.removesuffix(UNSAVED_NOTE).strip()
     assert answer.assistant_message_id is None
     assert (await service.stats(CHANNEL)).turns == 0
+    assert (wiring.questions("unsaved"), wiring.questions("answered")) == (1, 0)
 
 
 async def test_engine_failure_stores_nothing(service: AnswerService, wiring: Wiring) -> None:
@@ -285,6 +298,19 @@ async def test_engine_failure_stores_nothing(service: AnswerService, wiring: Wir
         await service.answer(Question(scope=CHANNEL, text="hello"))
     assert stopped.value.user_message
     assert (await service.stats(CHANNEL)).turns == 0
+    assert wiring.questions("failed", "EngineStopped") == 1
+
+
+async def test_a_question_cancelled_while_generating_is_counted_as_cancelled(
+    service: AnswerService, wiring: Wiring
+) -> None:
+    wiring.engine.held = asyncio.Event()  # the answer never arrives
+    asking = asyncio.create_task(service.answer(Question(scope=CHANNEL, text="hello")))
+    await wiring.engine.submitted.wait()
+    asking.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asking
+    assert (wiring.questions("cancelled"), wiring.questions("answered")) == (1, 0)
 
 
 def test_empty_model_output_is_shown_as_a_clear_message() -> None:

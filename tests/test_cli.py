@@ -25,7 +25,7 @@ def test_help_lists_the_subcommands() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "bot", "--help"], capture_output=True, text=True, check=True
     )
-    for command in ("run", "chat", "db", "make-tiny-model", "sync-commands"):
+    for command in ("run", "chat", "db", "doctor", "make-tiny-model", "sync-commands"):
         assert command in result.stdout
 
 
@@ -72,21 +72,28 @@ def test_data_files_are_readable_by_the_bots_user_only(tmp_path: Path, tiny_mode
     assert mode(data / "bot.sqlite3") == 0o600
 
 
-def test_chat_answers_and_remembers(
+def _stored_roles(data_dir: Path) -> list[str]:
+    with sqlite3.connect(data_dir / "bot.sqlite3") as db:
+        return [row[0] for row in db.execute("SELECT role FROM messages ORDER BY id")]
+
+
+def test_chat_one_shot_starts_fresh_and_a_named_conversation_remembers(
     tmp_path: Path, tiny_model_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = str(_config(tmp_path, tiny_model_dir))
     photo = tmp_path / "photo.png"
     Image.new("RGB", (64, 48), "blue").save(photo)
     assert main(["--config", config, "chat", "--image", str(photo), "What is this?"]) == 0
-    first = capsys.readouterr().out.strip()
-    assert first
-    assert main(["--config", config, "chat", "And now?"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert _stored_roles(tmp_path / "data") == [], "a one-shot question leaves no history behind"
+    assert not list((tmp_path / "data" / "media").rglob("*.png")), "nor its image"
+
+    named = ["--config", config, "chat", "--conversation", "trip"]
+    assert main([*named, "--image", str(photo), "What is this?"]) == 0
+    assert main([*named, "And now?"]) == 0
     capsys.readouterr()
-    with sqlite3.connect(tmp_path / "data" / "bot.sqlite3") as db:
-        roles = [row[0] for row in db.execute("SELECT role FROM messages ORDER BY id")]
-    assert roles == ["user", "assistant", "user", "assistant"]
-    assert main(["--config", config, "chat", "--reset", "--model", str(tiny_model_dir), "Fresh start"]) == 0
+    assert _stored_roles(tmp_path / "data") == ["user", "assistant", "user", "assistant"]
+    assert main([*named, "--reset", "--model", str(tiny_model_dir), "Fresh start"]) == 0
     assert "Forgot 2 turns." in capsys.readouterr().out
 
 
@@ -151,5 +158,6 @@ async def test_interactive_chat_tells_an_unknown_command_instead_of_asking_the_m
     settings = tiny_settings(tiny_model_dir, tmp_path / "data")
     assert await run_chat(settings, question=None, images=[], conversation="c", reset=False, out=out) == 0
     printed = out.getvalue()
+    assert "Conversation 'c': 0 earlier turns remembered" in printed
     assert "Unknown command /histroy." in printed and "bot> " not in printed
     assert "0 turns, 0 images stored." in printed

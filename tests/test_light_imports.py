@@ -144,3 +144,40 @@ async def test_run_fails_in_one_sentence_within_seconds_when_the_server_is_never
     assert len(errors) == 1 and "cannot reach the inference server at http://127.0.0.1:" in errors[0], output
     assert "Traceback" not in output
     assert heavy == []
+
+
+async def test_doctor_on_the_server_backend_checks_the_server_without_importing_torch(
+    tmp_path: Path, tiny_model_dir: Path, inference_server: InferenceServer
+) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    try:
+        config = server_config(
+            tmp_path, tiny_model_dir, fake, inference_server.base_url, inference_server.model
+        )
+        _status, output, heavy = await finish(await launch("--config", str(config), "doctor"))
+    finally:
+        await fake.close()
+    served = f"✓ Inference server: {inference_server.base_url} serves {inference_server.model!r}"
+    assert served in output.splitlines(), output
+    assert "Model files" not in output and "GPU" not in output
+    assert heavy == []
+
+
+async def test_doctor_says_when_the_inference_server_is_unreachable(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    try:
+        base_url = f"http://127.0.0.1:{free_port()}/v1"
+        config = server_config(tmp_path, tiny_model_dir, fake, base_url, "qwen")
+        started = time.monotonic()
+        status, output, heavy = await finish(await launch("--config", str(config), "doctor"))
+    finally:
+        await fake.close()
+    assert status == 1 and time.monotonic() - started < 20
+    failed = [line for line in output.splitlines() if line.startswith("✗ Inference server:")]
+    assert len(failed) == 1 and f"cannot reach the inference server at {base_url}" in failed[0], output
+    assert failed[0].endswith("start it, or fix server.base_url")
+    assert heavy == [] and TOKEN not in output

@@ -160,8 +160,10 @@ def is_allowed(
             channel_ids.add(channel.parent_id)
         if channel_ids.isdisjoint(settings.allowed_channel_ids):
             return False
-    if settings.allowed_role_ids:
-        roles = {role.id for role in user.roles} if isinstance(user, discord.Member) else set()
-        if roles.isdisjoint(settings.allowed_role_ids):
-            return False
-    return True
+    return not settings.allowed_role_ids or not role_ids_of(user).isdisjoint(settings.allowed_role_ids)
+
+
+def role_ids_of(user: discord.abc.User) -> frozenset[int]:
+    """A guild member's role ids (none for a user met in a DM). Read from the ids the event carried, which
+    are there even before the guild is cached, when discord.py's `Member.roles` cannot resolve them."""
+    return frozenset(user._roles) if isinstance(user, discord.Member) else frozenset()

@@ -1,5 +1,7 @@
-"""Split a long answer into Discord-sized messages without breaking ``` code fences.
+"""Split a long answer into Discord-sized messages without breaking ``` code fences, or lay it out as a file.
 
+An answer that would take more than a configured number of messages, or holds a code block too long for one
+message, goes out as a short preview plus the whole answer as `answer.md` (`layout_answer`).
 Cuts prefer, in order: a blank line, a line break, the end of a sentence, a space; only text with none of
 those in reach is cut hard. A code block that must span messages is closed at the end of one message and
 reopened (with its language) at the start of the next, so every message renders on its own.
@@ -7,15 +9,54 @@ reopened (with its language) at the start of the next, so every message renders 
 
 from __future__ import annotations
 
+import math
 import re
+from dataclasses import dataclass
 
 DISCORD_MESSAGE_LIMIT = 2000
+ANSWER_FILE_NAME = "answer.md"
+# Discord's smallest upload limit (a server without boosts) is 10 MiB; a larger answer is sent as messages.
+ANSWER_FILE_MAX_BYTES = 8 * 1024 * 1024
+PREVIEW_LIMIT = 1500  # the preview's share of the first message; the rest is for the note below it
 FENCE = "```"
 _CLOSE = "\n" + FENCE
 _MAX_LANGUAGE = 24  # a longer "language" is probably not one; reopening without it keeps chunks small
 _LANGUAGE = re.compile(rf"[\w+#.-]{{1,{_MAX_LANGUAGE}}}")
 _SENTENCE_END = re.compile(r"[.!?…][\"')\]]*(?=\s)|[。！？]")
 _MIN_SHARE = 0.5  # a boundary is used only if the chunk keeps at least this share of its budget
+
+
+@dataclass(frozen=True, slots=True)
+class AnswerLayout:
+    """How an answer shows: its messages, and the whole text as `answer.md` when it is too long for them."""
+
+    messages: list[str]
+    file_text: str | None = None
+
+
+def layout_answer(text: str, *, max_messages: int, final: bool = True) -> AnswerLayout:
+    """The messages showing `text`: split as needed, or, when that takes more than `max_messages` messages or
+    cuts a code block, a preview with a note (the attachment only once `final`: while the answer streams,
+    the note says it is still being written)."""
+    messages = split_message(text)
+    if len(text.encode()) > ANSWER_FILE_MAX_BYTES or (
+        len(messages) <= max_messages and not _has_long_code_block(text)
+    ):
+        return AnswerLayout(messages)
+    preview = split_message(text, PREVIEW_LIMIT)[0]
+    if final:
+        return AnswerLayout([f"{preview}\n\n-# 📎 The whole answer is attached as {ANSWER_FILE_NAME}."], text)
+    pages = math.ceil(len(text) / DISCORD_MESSAGE_LIMIT)
+    return AnswerLayout(
+        [f"{preview}\n\n-# ✍️ Still writing (about {pages} messages long); it will come as a file."]
+    )
+
+
+def _has_long_code_block(text: str) -> bool:
+    """Whether a ``` code block of `text` (an unclosed one runs to the end) is too long for one message."""
+    fences = [match.start() for match in re.finditer(FENCE, text)]
+    blocks = zip(fences[::2], [*fences[1::2], len(text)], strict=False)
+    return any(end + len(FENCE) - start > DISCORD_MESSAGE_LIMIT for start, end in blocks)
 
 
 def split_message(text: str, limit: int = DISCORD_MESSAGE_LIMIT) -> list[str]:

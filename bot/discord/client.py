@@ -23,9 +23,12 @@ from bot.answering import AnswerService
 from bot.discord.access import AccessPolicy
 from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
+from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
 from bot.errors import ConfigError, DiscordUnreachable
-from bot.settings import DiscordSettings, Settings
+from bot.health import Readiness
+from bot.metrics import Metrics
+from bot.settings import DiscordSettings, LimitSettings, Settings
 
 log = logging.getLogger("bot.discord")
 
@@ -68,15 +71,30 @@ class VisionBot(discord.AutoShardedClient):
     """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands.
 
     It runs the shards `discord.shard_ids` names (all of them by default) of `discord.shard_count` (Discord's
-    recommendation by default); other processes may run the rest, on the same database.
+    recommendation by default); other processes may run the rest, on the same database. `metrics` counts
+    Discord's HTTP error responses (429s included) through discord.py's `http_trace`.
     """
 
-    def __init__(self, settings: DiscordSettings, service: AnswerService, **options: Any) -> None:
+    def __init__(
+        self,
+        settings: DiscordSettings,
+        limits: LimitSettings,
+        service: AnswerService,
+        *,
+        metrics: Metrics | None = None,
+        **options: Any,
+    ) -> None:
         if settings.shard_ids is not None:
             options["shard_ids"] = settings.shard_ids
+        trace = (metrics or Metrics()).discord_http_trace()
         super().__init__(
-            intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, shard_count=settings.shard_count, **options
+            intents=bot_intents(),
+            allowed_mentions=SAFE_MENTIONS,
+            shard_count=settings.shard_count,
+            http_trace=trace,
+            **options,
         )
+        self._disconnected_shards: set[int] = set()  # from a disconnect to the reconnect or resume
         self._settings = settings
         self._service = service
         self.tree = GuardedCommandTree(self)
@@ -84,7 +102,8 @@ class VisionBot(discord.AutoShardedClient):
             self.tree.add_command(command)
         self.deliveries = DeliveryTracker()
         self._access = AccessPolicy(self, settings)
-        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access)
+        self._limits = UserLimits(limits)
+        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access, self._limits)
 
     @property
     def service(self) -> AnswerService:
@@ -100,6 +119,11 @@ class VisionBot(discord.AutoShardedClient):
     def access(self) -> AccessPolicy:
         """The allow-lists, applied to messages and commands alike."""
         return self._access
+
+    @property
+    def limits(self) -> UserLimits:
+        """The per-user limits, applied to messages and commands alike."""
+        return self._limits
 
     async def login(self, token: str) -> None:
         """Log in at the configured REST base URL; pick the gateway and the shard count (each configured, or
@@ -132,6 +156,26 @@ class VisionBot(discord.AutoShardedClient):
             return
         log.info("synced %d application commands", len(synced))
 
+    async def readiness(self) -> str | None:
+        """None while connected to the gateway with the guilds loaded, else why not."""
+        if self.is_closed():
+            return "the Discord connection is closed"
+        if not self.is_ready():
+            return "not connected to the Discord gateway yet"
+        if self._disconnected_shards:
+            shards = ", ".join(map(str, sorted(self._disconnected_shards)))
+            return f"disconnected from the Discord gateway (shard {shards}); reconnecting"
+        return None
+
+    async def on_shard_connect(self, shard_id: int) -> None:
+        self._disconnected_shards.discard(shard_id)
+
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        self._disconnected_shards.discard(shard_id)
+
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        self._disconnected_shards.add(shard_id)
+
     async def on_ready(self) -> None:
         log.info("connected to Discord; in %d guilds on this process's shards", len(self.guilds))
 
@@ -139,14 +183,20 @@ class VisionBot(discord.AutoShardedClient):
         await self._messages.handle(message)
 
 
-async def run_discord(settings: Settings, token: SecretStr, service: AnswerService) -> None:
-    """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly."""
-    client = VisionBot(settings.discord, service)
+async def run_discord(
+    settings: Settings, token: SecretStr, service: AnswerService, *, metrics: Metrics, readiness: Readiness
+) -> None:
+    """Run the bot until SIGINT/SIGTERM or a fatal gateway error; always close the connection cleanly.
+
+    The gateway is on `readiness` while the client runs.
+    """
+    client = VisionBot(settings.discord, settings.limits, service, metrics=metrics)
     loop = asyncio.get_running_loop()
     handled = _close_on_signals(loop, client, grace=settings.engine.shutdown_grace_seconds)
     try:
         async with client:
-            await client.start(token.get_secret_value())
+            with readiness.watch("gateway", client.readiness):
+                await client.start(token.get_secret_value())
     except discord.LoginFailure:
         raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
     except discord.PrivilegedIntentsRequired:
@@ -200,10 +250,10 @@ async def check_token(settings: DiscordSettings, token: SecretStr) -> None:
     """One REST call: is Discord reachable, and does it accept `token`? Run it before the model loads."""
     use_api_base(settings.api_base_url)
     async with discord.Client(intents=discord.Intents.none()) as client:
-        await _log_in(client, settings, token)
+        await log_in(client, settings, token)
 
 
-async def _log_in(client: discord.Client, settings: DiscordSettings, token: SecretStr) -> None:
+async def log_in(client: discord.Client, settings: DiscordSettings, token: SecretStr) -> None:
     """`client.login`, with its failures as one sentence each."""
     try:
         await client.login(token.get_secret_value())
@@ -224,7 +274,7 @@ async def sync_commands(settings: Settings, token: SecretStr) -> int:
     for command in build_commands():
         tree.add_command(command)
     async with client:
-        await _log_in(client, settings.discord, token)
+        await log_in(client, settings.discord, token)
         synced = await tree.sync()
     names = ", ".join(command.name for command in synced)
     print(f"Synced {len(synced)} commands: {names}")

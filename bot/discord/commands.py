@@ -7,6 +7,7 @@ definitions serve the running bot and the `sync-commands` CLI, which never conne
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
@@ -17,11 +18,12 @@ from discord import app_commands
 
 from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
 from bot.content import ConversationScope
-from bot.discord.access import AccessPolicy
+from bot.discord.access import AccessPolicy, role_ids_of
 from bot.discord.delivery import GENERIC_FAILURE, DeliveryTracker, deliver, thread_origin
+from bot.discord.limits import UserLimits
 from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
 from bot.discord.triggers import attachment_refs, scope_of
-from bot.errors import BotError
+from bot.errors import BotError, UserLimited
 from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.commands")
@@ -45,6 +47,9 @@ class Serving(Protocol):
 
     @property
     def deliveries(self) -> DeliveryTracker: ...
+
+    @property
+    def limits(self) -> UserLimits: ...
 
 
 class GuardedCommandTree(app_commands.CommandTree):
@@ -81,7 +86,6 @@ def build_commands() -> list[app_commands.Command | app_commands.ContextMenu]:
     async def ask(
         interaction: discord.Interaction, question: str, image: discord.Attachment | None = None
     ) -> None:
-        await interaction.response.defer(thinking=True)
         await _answer(interaction, question, [image] if image is not None else [])
 
     @app_commands.command(name="reset", description="Forget this channel's (or thread's) conversation.")
@@ -113,9 +117,8 @@ def build_commands() -> list[app_commands.Command | app_commands.ContextMenu]:
 
     @app_commands.context_menu(name=ASK_ABOUT_IMAGE)
     async def ask_about_image(interaction: discord.Interaction, message: discord.Message) -> None:
-        await interaction.response.defer(thinking=True)
         if not message.attachments:
-            await _fail(interaction, NO_ATTACHMENTS, ephemeral_deferral=False)
+            await _report(interaction, NO_ATTACHMENTS)
             return
         await _answer(interaction, DEFAULT_IMAGE_QUESTION, message.attachments)
 
@@ -123,6 +126,22 @@ def build_commands() -> list[app_commands.Command | app_commands.ContextMenu]:
 
 
 async def _answer(interaction: discord.Interaction, text: str, attachments: list[discord.Attachment]) -> None:
+    """Admit the question under the user's limits (a refusal is private), defer, then deliver the answer."""
+    bot = _serving(interaction)
+    with contextlib.ExitStack() as admitted:
+        try:
+            admitted.enter_context(bot.limits.admit(interaction.user.id, role_ids_of(interaction.user)))
+        except UserLimited as refusal:
+            log.info("interaction %s from user %s refused: %s", interaction.id, interaction.user.id, refusal)
+            await _report(interaction, refusal.user_message)
+            return
+        await interaction.response.defer(thinking=True)
+        await _deliver_answer(interaction, text, attachments)
+
+
+async def _deliver_answer(
+    interaction: discord.Interaction, text: str, attachments: list[discord.Attachment]
+) -> None:
     bot = _serving(interaction)
     async with _reporting_failures(interaction):
         scope = _scope(interaction)
@@ -142,7 +161,7 @@ async def _answer(interaction: discord.Interaction, text: str, attachments: list
             bot.service,
             question,
             InteractionTarget(interaction, _messageable(interaction)),
-            interval=bot.discord_settings.stream_edit_interval_seconds,
+            settings=bot.discord_settings,
             tracker=bot.deliveries,
             present_error=present_error,
         )

@@ -19,6 +19,7 @@ from bot.content import ConversationScope
 from bot.discord.replies import ReplyTarget, StreamingReply
 from bot.discord.triggers import parent_scope
 from bot.errors import BotError, EngineStopped
+from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.delivery")
 
@@ -83,7 +84,7 @@ async def deliver(
     question: Question,
     target: ReplyTarget,
     *,
-    interval: float,
+    settings: DiscordSettings,
     tracker: DeliveryTracker,
     typing_in: discord.abc.Messageable | None = None,
     present_error: ErrorPresenter = _replace_reply,
@@ -96,7 +97,13 @@ async def deliver(
         await stack.enter_async_context(tracker.track())
         if typing_in is not None:
             await _start_typing(stack, typing_in)
-        reply = await stack.enter_async_context(StreamingReply(target, interval=interval))
+        reply = await stack.enter_async_context(
+            StreamingReply(
+                target,
+                interval=settings.stream_edit_interval_seconds,
+                max_messages=settings.answer_file_after_messages,
+            )
+        )
         if tracker.draining:
             await present_error(reply, EngineStopped.user_message)
             return

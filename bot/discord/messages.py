@@ -7,14 +7,17 @@ everything outside the allow-lists (see `AccessPolicy`) are ignored silently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections import OrderedDict
 from dataclasses import replace
 
 import discord
 
 from bot.answering import AnswerService, Question
-from bot.discord.access import AccessPolicy
+from bot.discord.access import AccessPolicy, role_ids_of
 from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
+from bot.discord.limits import UserLimits
 from bot.discord.replies import ChannelTarget
 from bot.discord.triggers import (
     attachment_refs,
@@ -24,13 +27,15 @@ from bot.discord.triggers import (
     strip_mention,
     trigger_of,
 )
-from bot.errors import InputError
+from bot.errors import InputError, UserLimited
 from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.messages")
 
 THREAD_NAME_LENGTH = 80
 THREAD_ALREADY_EXISTS = 160004  # Discord: "A thread has already been created for this message"
+LIMIT_NOTICE_SECONDS = 30  # a limit notice that could not go by DM is deleted from the channel after this
+STARTER_VERDICTS_KEPT = 4096  # threads whose starter message was looked up, remembered (oldest dropped)
 _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 
 
@@ -44,13 +49,16 @@ class MessageHandler:
         settings: DiscordSettings,
         deliveries: DeliveryTracker,
         access: AccessPolicy,
+        limits: UserLimits,
     ) -> None:
         self._client = client
         self._service = service
         self._settings = settings
         self._deliveries = deliveries
         self._access = access
+        self._limits = limits
         self._warned_empty_content = False
+        self._starter_by_bot: OrderedDict[int, bool] = OrderedDict()  # thread id -> started from our message
 
     async def handle(self, message: discord.Message) -> None:
         """Answer `message` if it is for the bot; never raises."""
@@ -83,6 +91,7 @@ class MessageHandler:
             referenced=referenced,
             threads_without_mention=self._settings.answer_in_bot_threads_without_mention,
             has_conversation=self._service.has_conversation,
+            started_from_bot_message=self._started_from_bot_message,
         )
         if trigger is None:
             return
@@ -95,6 +104,19 @@ class MessageHandler:
             discord_message_id=message.id,
             thread_origin=None if trigger.in_bot_thread else await thread_origin(self._service, scope),
         )
+        with contextlib.ExitStack() as admitted:
+            try:
+                admitted.enter_context(self._limits.admit(message.author.id, role_ids_of(message.author)))
+            except UserLimited as refusal:
+                await self._tell_limited(message, refusal)
+                return
+            await self._answer(message, question, channel)
+
+    async def _answer(
+        self, message: discord.Message, question: Question, channel: discord.abc.Messageable
+    ) -> None:
+        """Answer `question` as a reply to `message` (or in a new thread, if configured)."""
+        scope = question.scope
         reply_channel: discord.abc.Messageable = channel
         reference: discord.Message | None = message
         if self._wants_new_thread(question):
@@ -102,17 +124,35 @@ class MessageHandler:
             if thread is not None:
                 # A fresh thread for a fresh question: it starts its own conversation, with no parent history.
                 reply_channel, reference = thread, None
-                question = replace(question, scope=scope_of(thread, guild_id, thread.id), thread_origin=None)
+                question = replace(
+                    question, scope=scope_of(thread, scope.guild_id, thread.id), thread_origin=None
+                )
                 scope = question.scope
         log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
         await deliver(
             self._service,
             question,
             ChannelTarget(reply_channel, reference),
-            interval=self._settings.stream_edit_interval_seconds,
+            settings=self._settings,
             tracker=self._deliveries,
             typing_in=reply_channel,
         )
+
+    async def _tell_limited(self, message: discord.Message, refusal: UserLimited) -> None:
+        """Tell the author why their question is refused: by DM, else in a reply that soon disappears."""
+        log.info("question %s from user %s refused: %s", message.id, message.author.id, refusal)
+        if not refusal.notify:
+            return
+        try:
+            if message.guild is None:
+                await message.reply(refusal.user_message)
+                return
+            try:
+                await message.author.send(f"About {message.jump_url}: {refusal.user_message}")
+            except discord.HTTPException:  # DMs closed (403): the channel, briefly
+                await message.reply(refusal.user_message, delete_after=LIMIT_NOTICE_SECONDS)
+        except discord.HTTPException as exc:
+            log.warning("could not tell user %s about a limit (HTTP %s)", message.author.id, exc.status)
 
     def _wants_new_thread(self, question: Question) -> bool:
         """Whether to answer in a new thread: configured, in a guild channel, and not a question that fails
@@ -160,6 +200,33 @@ class MessageHandler:
         except discord.HTTPException as exc:
             log.info("could not fetch replied-to message %s (HTTP %s)", reference.message_id, exc.status)
             return None
+
+    async def _started_from_bot_message(self, channel: discord.abc.Messageable) -> bool:
+        """Whether `channel` is a thread started from one of the bot's messages (an answer).
+
+        A thread started from a message has that message's id; the message comes from the cache or, once per
+        thread, from the API. A thread with no starter message (or one deleted since) is not the bot's.
+        """
+        me = self._client.user
+        if me is None or not isinstance(channel, discord.Thread):
+            return False
+        verdict = self._starter_by_bot.get(channel.id)
+        if verdict is None:
+            starter = channel.starter_message
+            if starter is None:
+                parent = self._client.get_partial_messageable(channel.parent_id, guild_id=channel.guild.id)
+                try:
+                    starter = await parent.fetch_message(channel.id)
+                except discord.NotFound:
+                    starter = None
+                except discord.HTTPException as exc:
+                    log.info("could not fetch the starter of thread %s (HTTP %s)", channel.id, exc.status)
+                    return False  # not remembered: the next message asks again
+            verdict = starter is not None and starter.author.id == me.id
+            self._starter_by_bot[channel.id] = verdict
+            if len(self._starter_by_bot) > STARTER_VERDICTS_KEPT:
+                self._starter_by_bot.popitem(last=False)
+        return verdict
 
     async def _open_thread(self, message: discord.Message) -> discord.Thread | None:
         """The thread started from `message`: a new one, or the one an earlier delivery of it opened."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import logging
 from datetime import timedelta
 from types import TracebackType
@@ -21,7 +22,7 @@ from typing import Protocol, Self
 
 import discord
 
-from bot.discord.chunking import split_message
+from bot.discord.chunking import ANSWER_FILE_NAME, AnswerLayout, layout_answer
 
 log = logging.getLogger("bot.discord.replies")
 
@@ -51,11 +52,15 @@ def queue_text(ahead: int) -> str:
 
 
 class ReplyTarget(Protocol):
-    """Where an answer's messages go."""
+    """Where an answer's messages go; `file` is attached to the message (replacing its attachments)."""
 
-    async def send(self, content: str, *, first: bool) -> discord.Message: ...
+    async def send(
+        self, content: str, *, first: bool, file: discord.File | None = None
+    ) -> discord.Message: ...
 
-    async def edit(self, message: discord.Message, content: str) -> None: ...
+    async def edit(
+        self, message: discord.Message, content: str, *, file: discord.File | None = None
+    ) -> None: ...
 
     async def delete(self, message: discord.Message) -> None: ...
 
@@ -67,14 +72,15 @@ class ChannelTarget:
         self._channel = channel
         self._reference = reference
 
-    async def send(self, content: str, *, first: bool) -> discord.Message:
+    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> discord.Message:
+        files = _attachments(file)
         if first and self._reference is not None:
             reference = self._reference.to_reference(fail_if_not_exists=False)
-            return await self._channel.send(content, reference=reference)
-        return await self._channel.send(content)
+            return await self._channel.send(content, reference=reference, files=files)
+        return await self._channel.send(content, files=files)
 
-    async def edit(self, message: discord.Message, content: str) -> None:
-        await message.edit(content=content)
+    async def edit(self, message: discord.Message, content: str, *, file: discord.File | None = None) -> None:
+        await message.edit(content=content, attachments=_attachments(file))
 
     async def delete(self, message: discord.Message) -> None:
         await message.delete()
@@ -95,22 +101,24 @@ class InteractionTarget:
     def _token_usable(self) -> bool:
         return self._channel is None or token_usable(self._interaction)
 
-    async def send(self, content: str, *, first: bool) -> discord.Message:
+    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> discord.Message:
         if self._token_usable():
             if first:
-                message = await self._interaction.edit_original_response(content=content)
+                message = await self._interaction.edit_original_response(
+                    content=content, attachments=_attachments(file)
+                )
                 self._original_id = message.id
                 return message
-            return await self._interaction.followup.send(content, wait=True)
+            return await self._interaction.followup.send(content, files=_attachments(file), wait=True)
         assert self._channel is not None
         log.info("interaction %s expired; answering with a normal message", self._interaction.id)
-        return await self._channel.send(content)
+        return await self._channel.send(content, files=_attachments(file))
 
-    async def edit(self, message: discord.Message, content: str) -> None:
+    async def edit(self, message: discord.Message, content: str, *, file: discord.File | None = None) -> None:
         if self._token_usable():
-            await message.edit(content=content)
+            await message.edit(content=content, attachments=_attachments(file))
         else:
-            await self._partial(message).edit(content=content)
+            await self._partial(message).edit(content=content, attachments=_attachments(file))
 
     async def delete(self, message: discord.Message) -> None:
         if message.id == self._original_id and self._token_usable():
@@ -126,12 +134,22 @@ class InteractionTarget:
         return channel.get_partial_message(message.id)
 
 
-class StreamingReply:
-    """Renders one answer as it streams; use as `async with`, feed the callbacks, then `finish(text)`."""
+def _attachments(file: discord.File | None) -> list[discord.File]:
+    """`attachments`/`files` for an edit or send: `[file]`, or nothing (an edit keeps the attachments)."""
+    return [file] if file is not None else discord.utils.MISSING
 
-    def __init__(self, target: ReplyTarget, *, interval: float) -> None:
+
+class StreamingReply:
+    """Renders one answer as it streams; use as `async with`, feed the callbacks, then `finish(text)`.
+
+    An answer longer than `max_messages` messages (or with a code block too long for one) shows as a
+    preview, and its final round attaches the whole text as `answer.md` (see `layout_answer`).
+    """
+
+    def __init__(self, target: ReplyTarget, *, interval: float, max_messages: int) -> None:
         self._target = target
         self._interval = interval
+        self._max_messages = max_messages
         self._text = ""
         self._status: str | None = None
         self._final = False
@@ -204,17 +222,19 @@ class StreamingReply:
 
     async def _render(self, *, final: bool) -> None:
         if final or self._text.strip():
-            wanted = split_message(self._text)
+            layout = layout_answer(self._text, max_messages=self._max_messages, final=final)
         else:
-            wanted = [self._status] if self._status else []
+            layout = AnswerLayout([self._status] if self._status else [])
+        wanted = layout.messages
         try:
             for index, content in enumerate(wanted):
+                file = _answer_file(layout.file_text) if index == 0 else None
                 if index < len(self._messages):
-                    if self._shown[index] != content:
-                        await self._target.edit(self._messages[index], content)
+                    if self._shown[index] != content or file is not None:
+                        await self._target.edit(self._messages[index], content, file=file)
                         self._shown[index] = content
                 else:
-                    self._messages.append(await self._target.send(content, first=index == 0))
+                    self._messages.append(await self._target.send(content, first=index == 0, file=file))
                     self._shown.append(content)
             if final:
                 while len(self._messages) > len(wanted):
@@ -227,3 +247,10 @@ class StreamingReply:
                 return
             # Anything else must not kill the stream: the next round (or the final one) tries again.
             log.warning("could not update a reply (HTTP %s): %s", exc.status, exc.text)
+
+
+def _answer_file(text: str | None) -> discord.File | None:
+    """The whole answer as a Markdown attachment, or None when it shows as messages."""
+    if text is None:
+        return None
+    return discord.File(io.BytesIO(text.encode()), filename=ANSWER_FILE_NAME, description="The whole answer")

@@ -66,7 +66,7 @@ def attachment_refs(attachments: list[discord.Attachment]) -> tuple[AttachmentRe
 class Trigger:
     """Why a message is for the bot."""
 
-    reason: Literal["mention", "reply", "bot thread", "dm"]
+    reason: Literal["mention", "reply", "bot thread", "answer thread", "dm"]
     in_bot_thread: bool  # a thread the bot opened or talks in: its conversation goes on there, no fork
 
 
@@ -79,12 +79,14 @@ async def trigger_of(
     referenced: discord.Message | None,
     threads_without_mention: bool,
     has_conversation: Callable[[ConversationScope], Awaitable[bool]],
+    started_from_bot_message: Callable[[discord.abc.Messageable], Awaitable[bool]],
 ) -> Trigger | None:
     """Why `message` (already allowed, from a user) is for the bot, or None when it is not.
 
     In order: it mentions the bot or the bot's managed role ("@Bot" picked as the role); it replies to one of
-    the bot's messages (`referenced`; a forward is no reply); it is in a thread the bot opened or talks in,
-    with `threads_without_mention`; it is a DM.
+    the bot's messages (`referenced`; a forward is no reply); with `threads_without_mention`, it is in a
+    thread the bot opened or talks in, or in a thread started from one of the bot's messages (an answer: its
+    first question forks the channel's history up to there); it is a DM.
     """
     in_bot_thread = (
         scope.thread_id is not None
@@ -102,6 +104,8 @@ async def trigger_of(
         return Trigger("reply", in_bot_thread)
     if in_bot_thread:
         return Trigger("bot thread", in_bot_thread)
+    if threads_without_mention and scope.thread_id is not None and await started_from_bot_message(channel):
+        return Trigger("answer thread", in_bot_thread=False)
     if scope.guild_id is None:
         return Trigger("dm", in_bot_thread)
     return None

@@ -70,6 +70,7 @@ class GenerationResult:
     completion_tokens: int
     queue_seconds: float
     generate_seconds: float
+    stopped: bool = False  # ended early by `RequestHandle.stop`: `text` is what was written until then
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,10 +91,11 @@ class EngineStats:
 class RequestHandle:
     """The caller's side of a submitted request."""
 
-    __slots__ = ("_item",)
+    __slots__ = ("_item", "_stop")
 
-    def __init__(self, item: ScheduledRequest) -> None:
+    def __init__(self, item: ScheduledRequest, stop: Callable[[ScheduledRequest], None]) -> None:
         self._item = item
+        self._stop = stop
 
     @property
     def ahead(self) -> int:
@@ -111,6 +113,11 @@ class RequestHandle:
     def cancel(self) -> bool:
         """Drop the request: a queued one leaves the queue, a running one is aborted or its result dropped."""
         return self._item.future.cancel()
+
+    def stop(self) -> None:
+        """End the request early but keep its answer so far: a running one ends at its next decode step (its
+        batch-mates go on) and its result has `stopped` set; a queued one ends at once with no text."""
+        self._stop(self._item)
 
 
 class Engine(Protocol):
@@ -131,6 +138,10 @@ class Engine(Protocol):
     @property
     def stats(self) -> EngineStats:
         """A snapshot of the counters."""
+        ...
+
+    async def readiness(self) -> str | None:
+        """None when a request submitted now would be answered, else why not (a few words); cheap."""
         ...
 
     async def stop(self, grace: float | None = None) -> None:

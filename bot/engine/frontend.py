@@ -106,7 +106,22 @@ class EngineFrontEnd:
             self._wake()
         item.future.add_done_callback(functools.partial(self._on_future_done, item))
         item.timer = loop.call_later(self._limits.request_timeout_seconds, self._expire, item)
-        return RequestHandle(item)
+        return RequestHandle(item, self._stop_request)
+
+    def _stop_request(self, item: ScheduledRequest) -> None:
+        """Loop thread: end `item` early. A queued one leaves the queue with no text; a running one is ended
+        by its backend, which checks `stop_requested` at every decode step (or streamed chunk)."""
+        if item.future.done():
+            return
+        item.stop_requested = True
+        with self._lock:
+            withdrawn = self._scheduler.withdraw(item)
+            if withdrawn:
+                self._publish_positions()
+                self._wake()
+        if withdrawn:
+            waited = time.monotonic() - item.submitted_at
+            settle(item.future, GenerationResult("", [], 0, 0, waited, 0.0, stopped=True))
 
     def _wake(self) -> None:
         """Called with `_lock` held after the queue changed: start whatever may start."""

@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import socket
 import time
-import urllib.request
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
-import huggingface_hub
 import torch
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
+from bot.engine.model_files import check_device_map, check_local_path, use_cache_only
 from bot.errors import ModelLoadError
 from bot.settings import ModelSettings
 
@@ -58,13 +54,13 @@ def resolve_attn_implementation(requested: str) -> str:
 
 def load_model(settings: ModelSettings) -> LoadedModel:
     """Load the Qwen2.5-VL model and processor that `settings` name; raise ModelLoadError if impossible."""
-    _check_device_map(settings.device_map)
-    _check_local_path(settings.name_or_path)
+    check_device_map(settings.device_map, cuda_available=torch.cuda.is_available())
+    check_local_path(settings.name_or_path)
     attn = resolve_attn_implementation(settings.attn_implementation)
     hub_options: dict[str, Any] = {
         "revision": settings.revision,
         "cache_dir": settings.cache_dir,
-        "local_files_only": settings.local_files_only or _use_cache_only(settings),
+        "local_files_only": settings.local_files_only or use_cache_only(settings),
     }
     source = settings.name_or_path
     started = time.monotonic()
@@ -87,60 +83,6 @@ def load_model(settings: ModelSettings) -> LoadedModel:
     device = model.device
     log.info("model ready on %s in %.1f s", device, time.monotonic() - started)
     return LoadedModel(model=model, processor=processor, device=device)
-
-
-HUB_PROBE_SECONDS = 5.0
-
-
-def _use_cache_only(settings: ModelSettings) -> bool:
-    """For a hub repo id: whether to load from the cache alone, because the hub cannot be reached.
-
-    The hub client retries a refused connection for over two minutes, printing warnings, before it gives up
-    or falls back to the cache; one short connection attempt tells the same in seconds. Without cached files
-    that is a ModelLoadError naming the settings that help.
-    """
-    if settings.local_files_only or Path(settings.name_or_path).expanduser().is_dir():
-        return False
-    endpoint = urlsplit(huggingface_hub.constants.ENDPOINT)
-    if huggingface_hub.constants.HF_HUB_OFFLINE or endpoint.scheme in urllib.request.getproxies():
-        return False  # offline mode decides by itself; through a proxy a direct probe proves nothing
-    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
-    try:
-        socket.create_connection((endpoint.hostname or "", port), timeout=HUB_PROBE_SECONDS).close()
-        return False
-    except OSError as exc:
-        reason = f"{type(exc).__name__}: {exc}"
-    cached = huggingface_hub.try_to_load_from_cache(
-        settings.name_or_path, "config.json", cache_dir=settings.cache_dir, revision=settings.revision
-    )
-    if isinstance(cached, str):
-        log.warning("the Hugging Face hub is unreachable (%s); loading the cached files", reason)
-        return True
-    where = f"model.cache_dir ({settings.cache_dir})" if settings.cache_dir else "the Hugging Face cache"
-    raise ModelLoadError(
-        f"cannot reach the Hugging Face hub at {huggingface_hub.constants.ENDPOINT} ({reason}) to download "
-        f"{settings.name_or_path!r}, and {where} does not hold it: check the network, or download the model "
-        "elsewhere and set model.cache_dir to its cache (with model.local_files_only = true), or "
-        "model.name_or_path to its directory"
-    )
-
-
-def _check_device_map(device_map: str | None) -> None:
-    if device_map is not None and device_map.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"model.device_map = {device_map!r} asks for a CUDA GPU, but torch sees none "
-            '(set device_map = "auto" or "cpu", or install a CUDA build of torch)'
-        )
-
-
-def _check_local_path(name_or_path: str) -> None:
-    path = Path(name_or_path).expanduser()
-    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or name_or_path.count("/") > 1
-    if looks_local and not path.is_dir():
-        raise ModelLoadError(
-            f"model directory not found: {name_or_path} (set model.name_or_path to a directory holding "
-            "config.json and the weights, or to a Hugging Face repo id such as Qwen/Qwen2.5-VL-3B-Instruct)"
-        )
 
 
 def _explain(settings: ModelSettings, exc: Exception) -> str:

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from PIL import Image
 from qwen_vl_utils import extract_vision_info, process_vision_info
-from transformers import BatchFeature
+from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_features
@@ -35,6 +35,8 @@ class PipelineRequest:
     generate_kwargs: dict[str, object]  # options for generate(); batch only requests with equal kwargs
     # Called on the worker thread with each new text delta; whatever it raises aborts the whole generate call.
     on_text: Callable[[str], None] | None = None
+    # Asked after every decode step; True ends this row there (its text so far is its answer), the rest go on.
+    should_stop: Callable[[], bool] | None = None
 
 
 @dataclass
@@ -130,6 +132,9 @@ class Pipeline:
             generate_kwargs["streamer"] = _BatchStreamer(
                 self.processor.tokenizer, [request.on_text for request in requests], self._eos_ids
             )
+        if any(request.should_stop is not None for request in requests):
+            checks = [request.should_stop for request in requests]
+            generate_kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsAskedToStop(checks)])
         with torch.inference_mode(), vision_cache:
             generated = self.model.generate(**inputs, **generate_kwargs)
         prompt_width = inputs["input_ids"].shape[1]
@@ -224,6 +229,17 @@ class Pipeline:
             part["max_pixels"] = max_pixels
         part.setdefault("min_pixels", min(min_pixels, part["max_pixels"]))
         return part
+
+
+class _RowsAskedToStop(StoppingCriteria):
+    """Ends each row whose request asks to stop; `generate` pads finished rows while the others go on."""
+
+    def __init__(self, checks: list[Callable[[], bool] | None]) -> None:
+        self._checks = checks
+
+    def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
+        stopped = [check is not None and check() for check in self._checks]
+        return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ class ScheduledRequest:
     started_at: float = 0.0
     ahead: int = -1  # the position last published
     discarded: bool = False  # the future is done elsewhere (cancelled, timed out, stopped): drop the result
+    stop_requested: bool = False  # end at the next decode step, keeping the text so far (set on the loop)
     streamed: str = ""  # text already sent to on_text by the worker (a retried batch resumes after it)
     timer: asyncio.TimerHandle | None = None  # the request timeout, on the loop
 

@@ -52,6 +52,8 @@ T = TypeVar("T")
 _FIRST_BACKOFF_SECONDS = 0.25
 _MAX_BACKOFF_SECONDS = 5.0
 _NO_KEY = "EMPTY"  # the client insists on a key; servers without auth ignore it
+_VERDICT_SECONDS = 3.0  # how long a readiness verdict (or a successful answer) stands before asking again
+_READINESS_TIMEOUT_SECONDS = 2.0
 # How servers say a prompt does not fit (vLLM, SGLang, TGI, llama.cpp, transformers).
 _CONTEXT_TOO_LONG = re.compile(
     r"context length|context window|maximum context|too long|max_model_len|exceeds? the", re.IGNORECASE
@@ -69,6 +71,8 @@ class ServerEngine(EngineFrontEnd):
         cache_bytes = settings.server.image_cache_mb * 1024 * 1024
         self._image_urls = ImageUrlCache(cache_bytes) if cache_bytes else None
         self._stop_task: asyncio.Future[None] | None = None
+        # For `readiness`: when the server last answered (None) or was found down (the reason).
+        self._verdict: tuple[float, str | None] = (float("-inf"), None)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
 
@@ -102,8 +106,30 @@ class ServerEngine(EngineFrontEnd):
                 f"{listed}); set server.model to one of those"
             )
         logger.info("answering through %s with %s", server.base_url, server.model)
+        self._verdict = (time.monotonic(), None)
         with self._lock:
             self._accepting = True
+
+    async def readiness(self) -> str | None:
+        """None while the server answers: it did within the last few seconds, or `GET /v1/models` does now
+        (within two seconds); else why not. A verdict stands for a few seconds, so probes never flood it."""
+        with self._lock:
+            if not self._accepting:
+                return "not started" if self._stop_task is None else "stopped"
+        checked_at, reason = self._verdict
+        if time.monotonic() - checked_at < _VERDICT_SECONDS:
+            return reason
+        try:
+            async with asyncio.timeout(_READINESS_TIMEOUT_SECONDS):
+                await self._list_models()
+        except TimeoutError:
+            reason = f"the inference server did not answer within {_READINESS_TIMEOUT_SECONDS:g}s"
+        except openai.APIError as exc:
+            reason = f"the inference server failed ({_describe(exc)})"
+        else:
+            reason = None
+        self._verdict = (time.monotonic(), reason)
+        return reason
 
     async def _served_models(self) -> list[str]:
         assert self._client is not None
@@ -234,6 +260,8 @@ class ServerEngine(EngineFrontEnd):
                         if delta:
                             text += delta
                             self._deliver_text(item, delta)
+                        if item.stop_requested:  # closing the stream stops the server generating
+                            break
         except TimeoutError:
             if text:
                 raise AnswerIncomplete("the answer timeout passed mid-stream", partial_text=text) from None
@@ -242,6 +270,7 @@ class ServerEngine(EngineFrontEnd):
             if text:
                 raise AnswerIncomplete(f"the stream broke: {exc!r}", partial_text=text) from exc
             raise _server_error(exc) from exc
+        self._verdict = (time.monotonic(), None)
         return GenerationResult(
             text=text,
             token_ids=[],
@@ -249,6 +278,7 @@ class ServerEngine(EngineFrontEnd):
             completion_tokens=usage.completion_tokens if usage is not None else 0,
             queue_seconds=item.started_at - item.submitted_at,
             generate_seconds=time.monotonic() - started,
+            stopped=item.stop_requested,
         )
 
     async def _create(self, body: dict[str, Any]) -> Any:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import functools
 import logging
 import threading
 import time
@@ -115,6 +116,18 @@ class InferenceEngine(EngineFrontEnd):
     def worker_alive(self) -> bool:
         """Whether the worker thread is running (loading, idle or busy)."""
         return self._thread is not None and self._thread.is_alive()
+
+    async def readiness(self) -> str | None:
+        """None once the model is loaded and the worker thread runs, else why not."""
+        if self._thread is None:
+            return "not started"
+        with self._lock:
+            stopping, accepting = self._stopping, self._accepting
+        if stopping:  # stop() was called, the model failed to load, or the worker crashed
+            return "stopped"
+        if not self._thread.is_alive():
+            return "the inference worker has stopped"
+        return None if accepting else "the model is loading"
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, fail queued requests, give running ones `grace` seconds, join the thread.
@@ -291,7 +304,12 @@ class InferenceEngine(EngineFrontEnd):
             with self._lock:
                 self._counters.oom_retries += 1
         requests = [
-            PipelineRequest(item.request.messages, item.generate_kwargs, self._text_sink(item, items))
+            PipelineRequest(
+                item.request.messages,
+                item.generate_kwargs,
+                self._text_sink(item, items),
+                should_stop=functools.partial(_ends_early, item),
+            )
             for item in items
         ]
         outputs = self._pipeline.run_batch(requests, pixel_scale=scale)
@@ -355,6 +373,7 @@ class InferenceEngine(EngineFrontEnd):
                 completion_tokens=len(outcome.token_ids),
                 queue_seconds=item.started_at - item.submitted_at,
                 generate_seconds=elapsed,
+                stopped=item.stop_requested,
             )
             self._post(settle, item.future, result)
 
@@ -370,6 +389,11 @@ class InferenceEngine(EngineFrontEnd):
     @staticmethod
     def _release_memory() -> None:
         torch.cuda.empty_cache()
+
+
+def _ends_early(item: ScheduledRequest) -> bool:
+    """Whether `item`'s row should end at this decode step: stopped by the user, or nobody waits for it."""
+    return item.stop_requested or item.discarded
 
 
 def _vision_cache(budget_mb: int) -> VisionCache | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -11,11 +13,12 @@ from typing import Self
 import aiohttp
 
 from bot.content import StoredMedia
-from bot.errors import TooLarge, Unreachable, UnsupportedMediaType
+from bot.errors import MediaError, TooLarge, Unreachable, UnsupportedMediaType
 from bot.media.decode import image_size, probe_video, validate_image
 from bot.media.download import byte_cap, download
 from bot.media.sniff import SNIFF_BYTES, MediaType, sniff
 from bot.media.storage import content_path, reuse_existing, sha256_hex, store_content_addressed
+from bot.metrics import Metrics
 from bot.settings import MediaSettings
 
 log = logging.getLogger("bot.media")
@@ -28,16 +31,23 @@ class MediaFetcher:
     re-encoded (see `bot.media.decode`). Videos keep their bytes. Files are named by the SHA-256 of the stored
     bytes, so the same file posted twice is stored once, and an upload whose own hash is already stored is
     not decoded again (only validated images are ever stored). All decoding and disk work runs in worker
-    threads. Failures are the `MediaError` subclasses of `bot.errors`.
+    threads. Failures are the `MediaError` subclasses of `bot.errors`; `metrics` counts them and the bytes
+    received.
     """
 
     def __init__(
-        self, settings: MediaSettings, media_dir: Path, *, session: aiohttp.ClientSession | None = None
+        self,
+        settings: MediaSettings,
+        media_dir: Path,
+        *,
+        session: aiohttp.ClientSession | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self._settings = settings
         self._media_dir = media_dir.resolve()
         self._session = session
         self._owns_session = session is None
+        self._metrics = metrics or Metrics()
 
     async def __aenter__(self) -> Self:
         return self
@@ -58,13 +68,37 @@ class MediaFetcher:
     ) -> StoredMedia:
         """Download `url` (an allow-listed http(s) URL) and store it; the announced size is checked first,
         against the cap of the announced type (Discord's content type, when known)."""
-        downloaded = await download(
-            self._http(), url, self._settings, announced_size=announced_size, announced_type=announced_type
-        )
-        return await self._store(downloaded.data, downloaded.media_type)
+        with self._counting_failures():
+            downloaded = await download(
+                self._http(),
+                url,
+                self._settings,
+                announced_size=announced_size,
+                announced_type=announced_type,
+            )
+            self._metrics.media_received(len(downloaded.data))
+            return await self._store(downloaded.data, downloaded.media_type)
 
     async def store_bytes(self, data: bytes) -> StoredMedia:
         """Validate and store media already in memory, under the same caps as a download."""
+        with self._counting_failures():
+            return await self._store_bytes(data)
+
+    async def store_file(self, path: Path) -> StoredMedia:
+        """Validate and store a local file; its size is checked before it is read."""
+        with self._counting_failures():
+            return await self._store_bytes(await self._read(path))
+
+    @contextmanager
+    def _counting_failures(self) -> Iterator[None]:
+        try:
+            yield
+        except MediaError as exc:
+            self._metrics.media_failed(exc)
+            raise
+
+    async def _store_bytes(self, data: bytes) -> StoredMedia:
+        self._metrics.media_received(len(data))
         media_type = sniff(data[:SNIFF_BYTES])
         if media_type is None:
             raise UnsupportedMediaType("the bytes are not an accepted media type")
@@ -73,17 +107,15 @@ class MediaFetcher:
             raise TooLarge(f"{len(data)} bytes over {cap}", limit_bytes=cap, kind=media_type.kind)
         return await self._store(data, media_type)
 
-    async def store_file(self, path: Path) -> StoredMedia:
-        """Validate and store a local file; its size is checked before it is read."""
+    async def _read(self, path: Path) -> bytes:
         cap = byte_cap(self._settings, None)
         try:
             size = await asyncio.to_thread(lambda: path.stat().st_size)
             if size > cap:
                 raise TooLarge(f"{path} has {size} bytes, over {cap}", limit_bytes=cap, kind="file")
-            data = await asyncio.to_thread(path.read_bytes)
+            return await asyncio.to_thread(path.read_bytes)
         except OSError as exc:
             raise Unreachable(f"cannot read {path}: {exc}", user_message=f"I couldn't read {path}.") from None
-        return await self.store_bytes(data)
 
     def _http(self) -> aiohttp.ClientSession:
         # Created on first use, inside the running loop, and reused for every download.

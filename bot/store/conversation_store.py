@@ -3,7 +3,8 @@
 Every call runs on one dedicated thread (a single-worker executor) with a sync session, so the event loop
 never waits on disk and SQLite writes are serialized. Methods return plain data from `bot.content` or
 `bot.store.results`.
-Database failures come out as `StoreError`; an unknown conversation id as `LookupError`.
+Database failures come out as `StoreError` (and are counted in `bot.metrics`); an unknown conversation id as
+`LookupError`.
 `open()` does not migrate: run `bot.store.database.upgrade` first.
 """
 
@@ -23,21 +24,31 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from bot.content import ChatMessage, ConversationScope
 from bot.errors import StoreError
+from bot.metrics import Metrics
 from bot.store.database import create_engine_for
 from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
 from bot.store.sync_store import SyncStore
 
 T = TypeVar("T")
 DEFAULT_ORPHAN_GRACE = timedelta(hours=1)
+READINESS_TIMEOUT_SECONDS = 2.0
 
 
 class ConversationStore:
     """Conversations, their messages and media, behind an async API."""
 
-    def __init__(self, database_url: str, media_dir: Path, *, busy_timeout_ms: int = 5000) -> None:
+    def __init__(
+        self,
+        database_url: str,
+        media_dir: Path,
+        *,
+        busy_timeout_ms: int = 5000,
+        metrics: Metrics | None = None,
+    ) -> None:
         self._database_url = database_url
         self._media_dir = Path(media_dir)
         self._busy_timeout_ms = busy_timeout_ms
+        self._metrics = metrics or Metrics()
         self._executor: ThreadPoolExecutor | None = None
         self._engine: Engine | None = None
         self._store: SyncStore | None = None
@@ -80,6 +91,22 @@ class ConversationStore:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+    async def readiness(self, timeout: float = READINESS_TIMEOUT_SECONDS) -> str | None:
+        """None when the database answers `SELECT 1` within `timeout` seconds, else why not.
+
+        The query waits its turn on the database thread like any operation, so a stuck thread shows too.
+        """
+        if self._store is None:
+            return "the database is closed"
+        try:
+            async with asyncio.timeout(timeout):
+                await self._run(lambda store: store.ping())
+        except TimeoutError:
+            return f"the database did not answer within {timeout:g}s"
+        except StoreError as exc:
+            return f"the database failed ({type(exc.__cause__).__name__})"
+        return None
 
     async def conversation_for(self, scope: ConversationScope) -> int:
         """The id of the scope's conversation, created on first use."""
@@ -165,4 +192,5 @@ class ConversationStore:
         try:
             return await loop.run_in_executor(self._executor, function)
         except SQLAlchemyError as exc:
+            self._metrics.store_failed(exc)
             raise StoreError(f"database operation failed: {exc}") from exc

@@ -18,8 +18,10 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 import migrations
@@ -42,8 +44,8 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
         engine = create_engine(url, hide_parameters=True)
     except (ArgumentError, ImportError) as exc:  # ArgumentError covers NoSuchModuleError (unknown dialect)
         raise ConfigError(f"storage.database_url cannot be used: {exc}") from None
-    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
-        path = Path(url.database)
+    path = _sqlite_file(url)
+    if path is not None:
         try:
             path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         except OSError as exc:
@@ -63,6 +65,14 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
             cursor.close()
 
     return engine
+
+
+def _sqlite_file(url: URL) -> Path | None:
+    """The file of a SQLite URL naming one (not in-memory, not a `file:` URI), else None."""
+    database = url.database
+    if url.get_backend_name() != "sqlite" or not database or database == ":memory:":
+        return None
+    return None if database.startswith("file:") else Path(database)
 
 
 def _make_owner_only(database: Path) -> None:
@@ -111,6 +121,27 @@ def upgrade_in(connection: Connection) -> None:
     config = alembic_config()
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
+
+
+def schema_revisions(database_url: str, *, busy_timeout_ms: int = 5000) -> tuple[str | None, str | None]:
+    """(the database's Alembic revision, the newest one); migrates nothing, and creates no SQLite file.
+
+    The first is None when the database has no schema yet (a missing SQLite file included). Raises
+    ConfigError for an unusable URL, StoreError when the database cannot be read.
+    """
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    with contextlib.suppress(ArgumentError):  # create_engine_for says what is wrong with the URL
+        path = _sqlite_file(make_url(database_url))
+        if path is not None and not path.is_file():
+            return None, head
+    engine = create_engine_for(database_url, busy_timeout_ms=busy_timeout_ms)
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision(), head
+    except SQLAlchemyError as exc:
+        raise StoreError(f"cannot read the database: {_reason(exc)}") from exc
+    finally:
+        engine.dispose()
 
 
 def _reason(exc: SQLAlchemyError) -> str:

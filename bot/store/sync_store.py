@@ -38,6 +38,11 @@ class SyncStore:
         self._media_dir = media_dir.absolute()
         self._media_root = media_dir.resolve()
 
+    def ping(self) -> None:
+        """`SELECT 1`; raises when the database cannot be reached."""
+        with self._sessions() as session:
+            session.execute(select(1))
+
     # -- conversations -------------------------------------------------------------------------------------
 
     def find_conversation(self, scope: ConversationScope) -> int | None:

@@ -7,12 +7,13 @@ import contextlib
 import io
 import logging
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from PIL import Image
 
@@ -20,13 +21,16 @@ from bot.answering import Answer, AnswerService
 from bot.app import running_service
 from bot.content import ConversationScope
 from bot.discord import VisionBot
-from bot.engine import EngineRequest, EngineStats
+from bot.engine import EngineRequest, EngineStats, GenerationResult, RequestHandle
+from bot.health import Readiness, serving_health
+from bot.metrics import Metrics
 from bot.settings import Settings
 from tests.fakediscord.server import FakeDiscord
 from tests.inference.proxy import InferenceProxy
 from tests.tiny_settings import tiny_settings
 
 TOKEN = "fake-token.never-logged.abc123XYZ"
+UNLIMITED = {"max_in_flight_per_user": 1000, "burst": 1000}
 
 
 def png_bytes(size: tuple[int, int] = (64, 48), colour: tuple[int, int, int] = (200, 30, 30)) -> bytes:
@@ -44,11 +48,15 @@ def bot_settings(
     engine: dict[str, Any] | None = None,
     server: InferenceProxy | None = None,
     server_options: dict[str, Any] | None = None,
+    limits: dict[str, Any] | None = None,
+    health: bool = False,
 ) -> Settings:
     """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
     `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections. With `server`, the
     bot answers through that proxy of the real inference server (`engine.backend = "server"`), with
-    `server_options` added to the `[server]` section."""
+    `server_options` added to the `[server]` section. Per-user limits are off unless `limits` sets them: the
+    tests play a few users asking many questions within seconds. With `health`, the health endpoints are
+    served on an ephemeral port of 127.0.0.1 (`RunningBot.health_port`)."""
     backend: dict[str, dict[str, Any]] = {}
     if server is not None:
         backend = {
@@ -65,6 +73,8 @@ def bot_settings(
         data_dir,
         discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0, **discord},
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
+        limits=limits or UNLIMITED,
+        metrics={"enabled": health, "host": "127.0.0.1", "port": 0},
         **{"engine": engine or {}, **backend},
     )
 
@@ -79,42 +89,79 @@ class _Recorder(logging.Handler):
 
 
 @dataclass
+class _RecordingHandle:
+    """A real request's handle that adds its result to `results` when it arrives."""
+
+    handle: RequestHandle
+    results: list[GenerationResult]
+
+    async def result(self) -> GenerationResult:
+        result = await self.handle.result()
+        self.results.append(result)
+        return result
+
+    def cancel(self) -> bool:
+        return self.handle.cancel()
+
+
+@dataclass
 class RunningBot:
-    """One bot process's objects; `restart()` replaces them all, keeping the data directory."""
+    """One bot process's objects, wired as `python -m bot run` wires them (the health endpoints when
+    `settings.metrics.enabled`); `restart()` replaces them all, keeping the data directory."""
 
     settings: Settings
     fake: FakeDiscord
     proxy: InferenceProxy | None = None  # the inference server's proxy, on the server backend
     replies: list[tuple[Answer, int]] = field(default_factory=list)
     prompts: list[list[dict]] = field(default_factory=list)
+    results: list[GenerationResult] = field(default_factory=list)
     log: _Recorder = field(default_factory=_Recorder)
     client: VisionBot | None = None
     service: AnswerService | None = None
+    health_port: int | None = None  # where /metrics, /healthz and /readyz are served
     _stack: AsyncExitStack | None = None
     _changed: asyncio.Condition = field(default_factory=asyncio.Condition)
     _previous_level: int = logging.WARNING
 
-    async def start(self) -> None:
+    async def start(self, *, before_connect: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Start the service and connect; `before_connect` runs once the client exists, before it connects."""
         root = logging.getLogger()
         root.addHandler(self.log)
         self._previous_level, root.level = root.level, logging.DEBUG  # the token must not show even at DEBUG
-        self._stack = AsyncExitStack()
-        service = await self._stack.enter_async_context(running_service(self.settings))
+        self._stack = stack = AsyncExitStack()
+        metrics, readiness = Metrics(), Readiness()
+        self.health_port = await stack.enter_async_context(
+            serving_health(self.settings.metrics, metrics, readiness)
+        )
+        self.service = service = await stack.enter_async_context(
+            running_service(self.settings, metrics=metrics, readiness=readiness)
+        )
         self._observe(service)
-        client = VisionBot(self.settings.discord, service, guild_ready_timeout=0.1)
-        await self._stack.enter_async_context(client)
+        self.client = client = VisionBot(
+            self.settings.discord, self.settings.limits, service, metrics=metrics, guild_ready_timeout=0.1
+        )
+        await stack.enter_async_context(client)
+        stack.enter_context(readiness.watch("gateway", client.readiness))
+        if before_connect is not None:
+            await before_connect()
         task = asyncio.create_task(client.start(TOKEN))
-        self._stack.push_async_callback(self._stop_client, client, task)
+        stack.push_async_callback(self._stop_client, client, task)
         async with asyncio.timeout(60):
             await client.wait_until_ready()
-        self.client, self.service = client, service
 
     async def stop(self) -> None:
         if self._stack is not None:
             await self._stack.aclose()
         logging.getLogger().removeHandler(self.log)
         logging.getLogger().setLevel(self._previous_level)
-        self._stack = self.client = self.service = None
+        self._stack = self.client = self.service = self.health_port = None
+
+    async def get(self, path: str) -> tuple[int, str]:
+        """GET `path` from the health endpoints: the status and the body."""
+        assert self.health_port is not None, "settings.metrics.enabled"
+        url = f"http://127.0.0.1:{self.health_port}{path}"
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.text()
 
     async def restart(self) -> None:
         await self.stop()
@@ -177,7 +224,7 @@ class RunningBot:
 
         def recording_submit(request: EngineRequest) -> Any:
             self.prompts.append(request.messages)
-            return submit(request)
+            return _RecordingHandle(submit(request), self.results)
 
         service.attach_reply = recording_attach_reply  # type: ignore[method-assign]
         service._engine.submit = recording_submit  # type: ignore[method-assign]

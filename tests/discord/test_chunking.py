@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from bot.discord.chunking import DISCORD_MESSAGE_LIMIT, split_message
+from bot.discord.chunking import DISCORD_MESSAGE_LIMIT, layout_answer, split_message
 
 _FENCE_MARKER = re.compile(r"```[\w+#.-]*")
 
@@ -135,3 +135,23 @@ def test_random_documents_split_validly(limit: int) -> None:
                 parts.append(rng.choice(pieces))
         text = " ".join(parts)
         _assert_valid(text, split_message(text, limit=limit), limit)
+
+
+def test_an_answer_within_max_messages_is_split_and_a_longer_one_becomes_a_file() -> None:
+    three_messages = "\n\n".join("Sentence one. " * 130 for _ in range(3))
+    assert len(split_message(three_messages)) == 3
+    assert layout_answer(three_messages, max_messages=3).file_text is None
+    layout = layout_answer(three_messages, max_messages=2)
+    assert layout.file_text == three_messages and len(layout.messages) == 1
+    assert layout.messages[0].startswith("Sentence one.") and "answer.md" in layout.messages[0]
+    streaming = layout_answer(three_messages, max_messages=2, final=False)
+    assert streaming.file_text is None and "it will come as a file" in streaming.messages[0]
+
+
+def test_a_code_block_too_long_for_one_message_becomes_a_file() -> None:
+    code = "```python\n" + "print('hello')\n" * 140 + "```"
+    assert layout_answer(f"Here it is:\n{code}\nDone.", max_messages=3).file_text is not None
+    short_blocks = f"```\n{'x = 1' * 300}\n```\ntext\n" * 2  # two blocks, each fits one message
+    assert layout_answer(short_blocks, max_messages=3).file_text is None
+    unclosed = "```\n" + "y = 2\n" * 400  # an unclosed fence runs to the end
+    assert layout_answer(unclosed, max_messages=3).file_text is not None

@@ -27,7 +27,19 @@ from tests.inference.proxy import sent_image_count
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SAFE_MENTIONS = {"parse": [], "replied_user": True}
-CHANNELS = ["main", "errors", "left", "right", "dupes", "commands", "menu", "restricted", "forwards", "roles"]
+CHANNELS = [
+    "main",
+    "errors",
+    "left",
+    "right",
+    "dupes",
+    "commands",
+    "menu",
+    "restricted",
+    "forwards",
+    "roles",
+    "threads",
+]
 
 
 @dataclass
@@ -153,6 +165,25 @@ async def test_a_thread_started_from_an_answer_carries_the_context(world: World)
     await world.bot.wait_reply(thread_id, after=known + 1)
     assert await world.stats(thread_scope) == (4, 1)
     assert await world.stats(world.scope("main")) == (2, 1), "the channel's conversation is untouched"
+
+
+async def test_a_thread_started_from_an_answer_needs_no_mention(world: World) -> None:
+    fake, channel = world.fake, world.channels["threads"]
+    known = len(world.bot.replies)
+    question = await fake.send_message(
+        channel, world.alice, f"{fake.bot.mention} look at this", attachments=[world.image("thread.png")]
+    )
+    answer_id = await world.bot.wait_reply(channel, after=known)
+    # A thread started from a user's message is not the bot's: no mention, no answer.
+    user_thread = await fake.create_thread(channel, int(question["id"]), world.bob, "chatter")
+    await fake.send_message(user_thread, world.bob, "what do you all think?")
+    thread_id = await fake.create_thread(channel, answer_id, world.bob, "about the answer")
+    await fake.send_message(thread_id, world.bob, "what colour was it?")
+    await world.bot.wait_reply(thread_id, after=known + 1)
+    assert await world.stats(world.scope("threads", thread_id)) == (2, 1), "the forked turn and the new one"
+    assert len(image_parts(world.bot.prompts[-1])) == 1, "the first question sees the answer's image"
+    assert _posts(world, user_thread) == []
+    assert await world.stats(world.scope("threads", user_thread)) == (0, 0)
 
 
 async def test_history_survives_a_restart(world: World) -> None:

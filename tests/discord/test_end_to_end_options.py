@@ -291,7 +291,14 @@ async def test_the_image_menu_on_a_message_without_attachments_says_so_privately
     fake, channel = world.fake, world.channels["menu"]
     target = await fake.send_message(channel, world.alice, "no picture here")
     token = await fake.context_menu(channel, world.alice, "Ask about this image", int(target["id"]))
-    await _assert_failure_shown_privately(world, "menu", token, NO_ATTACHMENTS)
+    # Known before any work: said at once, privately, with no public "thinking…" first.
+    callback = await fake.wait_for_request(lambda r: r.method == "POST" and f"/{token}/callback" in r.path)
+    assert callback.body["type"] == 4
+    assert callback.body["data"]["content"] == NO_ATTACHMENTS
+    assert callback.body["data"]["flags"] == EPHEMERAL_FLAG
+    followups = [r for r in fake.requests if r.method == "POST" and r.path.endswith(f"/{token}")]
+    assert not followups, "no follow-up"
+    assert await world.stats(world.scope("menu")) == (0, 0)
 
 
 async def test_a_failure_after_the_interaction_token_expired_is_said_in_the_channel(world: World) -> None:

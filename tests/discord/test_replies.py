@@ -12,6 +12,7 @@ import pytest
 from bot.discord.replies import ANSWERING_NOW, StreamingReply, queue_text
 
 INTERVAL = 0.05
+MAX_MESSAGES = 3
 
 
 @dataclass
@@ -26,22 +27,29 @@ class _RecordingTarget:
     fail_edits: int = 0
     ops: list[tuple[float, str, int, str]] = field(default_factory=list)
     contents: dict[int, str] = field(default_factory=dict)
+    files: dict[int, tuple[str, str]] = field(default_factory=dict)  # message id -> (file name, text)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    def _attach(self, message_id: int, file: discord.File | None) -> None:
+        if file is not None:
+            self.files[message_id] = (file.filename, file.fp.read().decode())
 
     def _record(self, op: str, message_id: int, content: str) -> None:
         self.ops.append((asyncio.get_running_loop().time(), op, message_id, content))
 
-    async def send(self, content: str, *, first: bool) -> _Sent:
+    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> _Sent:
         message = _Sent(next(self._ids))
         self.contents[message.id] = content
+        self._attach(message.id, file)
         self._record("send-first" if first else "send", message.id, content)
         return message
 
-    async def edit(self, message: _Sent, content: str) -> None:
+    async def edit(self, message: _Sent, content: str, *, file: discord.File | None = None) -> None:
         if self.fail_edits:
             self.fail_edits -= 1
             raise discord.HTTPException(_FakeResponse(), "rate limited")
         self.contents[message.id] = content
+        self._attach(message.id, file)
         self._record("edit", message.id, content)
 
     async def delete(self, message: _Sent) -> None:
@@ -61,7 +69,7 @@ def test_queue_text_counts_questions() -> None:
 
 async def test_deltas_are_merged_into_throttled_edits() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         words = [f"w{i} " for i in range(200)]
         for word in words:
             reply.on_text(word)
@@ -79,7 +87,7 @@ async def test_the_final_text_goes_out_at_once_not_after_the_interval() -> None:
     target = _RecordingTarget()
     long_interval = 30.0
     loop = asyncio.get_running_loop()
-    async with StreamingReply(target, interval=long_interval) as reply:
+    async with StreamingReply(target, interval=long_interval, max_messages=MAX_MESSAGES) as reply:
         reply.on_text("The first words")
         await asyncio.sleep(0.05)
         reply.on_text(" and more")  # an intermediate round is now due 30 s after the first send
@@ -92,7 +100,7 @@ async def test_the_final_text_goes_out_at_once_not_after_the_interval() -> None:
 
 async def test_queue_placeholder_is_updated_then_replaced_by_text() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_queue_position(2)
         await asyncio.sleep(INTERVAL * 2)
         reply.on_queue_position(1)
@@ -112,7 +120,7 @@ async def test_queue_placeholder_is_updated_then_replaced_by_text() -> None:
 
 async def test_position_zero_without_placeholder_sends_nothing() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_queue_position(0)
         await asyncio.sleep(INTERVAL)
         assert target.ops == []
@@ -123,7 +131,7 @@ async def test_position_zero_without_placeholder_sends_nothing() -> None:
 async def test_long_answer_becomes_several_messages_the_first_a_reply() -> None:
     target = _RecordingTarget()
     text = "\n\n".join(f"Paragraph {i}. " + "lorem ipsum " * 60 for i in range(8))
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=5) as reply:
         reply.on_text(text[:1500])
         await asyncio.sleep(INTERVAL / 2)
         messages = await reply.finish(text)
@@ -134,9 +142,27 @@ async def test_long_answer_becomes_several_messages_the_first_a_reply() -> None:
     assert [op[1] for op in target.ops].count("send-first") == 1
 
 
+async def test_an_answer_longer_than_max_messages_arrives_as_a_preview_and_answer_md() -> None:
+    target = _RecordingTarget()
+    text = "\n\n".join(f"Paragraph {i}. " + "lorem ipsum " * 60 for i in range(8))  # 4 messages' worth
+    async with StreamingReply(target, interval=INTERVAL, max_messages=2) as reply:
+        reply.on_text(text[:3000])  # two messages so far
+        await asyncio.sleep(INTERVAL / 2)
+        reply.on_text(text[3000:5000])  # more than two: from now on a preview that says a file will come
+        await asyncio.sleep(INTERVAL * 2)
+        streaming = dict(target.contents)
+        messages = await reply.finish(text)
+    assert any("it will come as a file" in content for content in streaming.values())
+    assert len(messages) == 1, "the messages streamed beyond the preview are gone"
+    (preview,) = [target.contents[m.id] for m in messages]
+    assert preview.startswith("Paragraph 0.") and len(preview) <= 2000
+    assert preview.endswith("The whole answer is attached as answer.md.")
+    assert target.files == {messages[0].id: ("answer.md", text)}
+
+
 async def test_finishing_with_nothing_removes_what_was_shown() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_queue_position(4)
         await asyncio.sleep(INTERVAL / 2)
         assert await reply.finish("") == []
@@ -147,7 +173,7 @@ async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     target = _RecordingTarget(fail_edits=1)
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_text("Par")
         await asyncio.sleep(INTERVAL / 2)
         reply.on_text("tial")
@@ -159,7 +185,7 @@ async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
 
 async def test_leaving_early_stops_the_pump() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_text("first")
         await asyncio.sleep(0)
         await asyncio.sleep(0)
@@ -176,7 +202,7 @@ class _RefusingTarget(_RecordingTarget):
     status: int = 403
     attempts: int = 0
 
-    async def send(self, content: str, *, first: bool) -> _Sent:
+    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> _Sent:
         self.attempts += 1
         response = _FakeResponse()
         response.status = self.status
@@ -187,7 +213,7 @@ class _RefusingTarget(_RecordingTarget):
 @pytest.mark.parametrize("status", [401, 403])
 async def test_a_refused_reply_is_not_retried_every_round(status: int) -> None:
     target = _RefusingTarget(status=status)
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         for word in ("one ", "two ", "three ", "four "):
             reply.on_text(word)
             await asyncio.sleep(INTERVAL * 1.5)
@@ -197,12 +223,12 @@ async def test_a_refused_reply_is_not_retried_every_round(status: int) -> None:
 
 async def test_an_edit_of_a_deleted_reply_is_not_retried_every_round() -> None:
     target = _RecordingTarget()
-    async with StreamingReply(target, interval=INTERVAL) as reply:
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
         reply.on_text("first")
         await asyncio.sleep(INTERVAL / 2)
         target.contents.clear()  # a moderator deleted the reply
 
-        async def gone(message: _Sent, content: str) -> None:
+        async def gone(message: _Sent, content: str, *, file: discord.File | None = None) -> None:
             target._record("edit-404", message.id, content)
             response = _FakeResponse()
             response.status = 404

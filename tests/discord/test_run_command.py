@@ -1,7 +1,7 @@
 """`python -m bot run` as users start it: a separate process that migrates, loads the model and connects.
 
-The fake Discord runs in the test; the bot runs as a subprocess with the token in its environment, answers an
-image question, and exits cleanly on SIGTERM without ever printing the token.
+The fake Discord runs in the test; the bot runs as a subprocess with the token in its environment, serves its
+health endpoints, answers an image question, and exits cleanly on SIGTERM without ever printing the token.
 """
 
 from __future__ import annotations
@@ -13,9 +13,12 @@ import socket
 import sys
 from pathlib import Path
 
+import aiohttp
+
 from bot.errors import EngineStopped
 from tests.discord.harness import TOKEN, png_bytes
 from tests.fakediscord.server import FakeDiscord
+from tests.inference.server import free_port
 from tests.tiny_settings import write_tiny_config
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,17 +29,24 @@ def _replies_to(message: dict, question: dict) -> bool:
     return int(reference.get("message_id", 0)) == int(question["id"])
 
 
+async def _get(port: int, path: str) -> tuple[int, str]:
+    async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{port}{path}") as response:
+        return response.status, await response.text()
+
+
 async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Path, tmp_path: Path) -> None:
     fake = FakeDiscord(token=TOKEN)
     guild_id, (channel,), _ = fake.add_guild("Guild", ["general"], ())
     alice = fake.add_user("alice")
     await fake.start()
+    health_port = free_port()
     config = write_tiny_config(
         tmp_path / "config.toml",
         tiny_model_dir,
         tmp_path / "data",
         discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
         media={"allowed_hosts": ["127.0.0.1"]},
+        metrics={"enabled": True, "port": health_port},
     )
     process = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -54,6 +64,11 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
     try:
         await fake.wait_connected(timeout=120)
         await fake.wait_for_request(lambda request: request.method == "PUT", timeout=30)  # commands synced
+        async with asyncio.timeout(30):  # ready once the guilds are in (discord.py waits for them briefly)
+            while (await _get(health_port, "/readyz"))[0] != 200:
+                await asyncio.sleep(0.1)
+        status, metrics = await _get(health_port, "/metrics")
+        assert status == 200 and "qwenbot_model_load_seconds " in metrics
         data = png_bytes()
         slow = fake.add_file("cat.png", data, "image/png", delay=2.0)
         attachment = fake.attachment(slow, "cat.png", len(data), "image/png")
@@ -86,6 +101,13 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
     # The first question came while the guild was still being cached: it is still a guild message, not a DM.
     assert f"in discord:{guild_id}:{channel}:{channel}" in log and "in discord:0:" not in log
     assert TOKEN not in log
+    assert f"serving /metrics, /healthz and /readyz on http://127.0.0.1:{health_port}" in log
+    try:
+        await _get(health_port, "/healthz")
+    except aiohttp.ClientConnectionError:
+        pass  # stopped with the bot
+    else:
+        raise AssertionError("the health endpoints outlived the bot")
 
 
 async def _run(config: Path, token: str, *args: str) -> tuple[int, str]:
@@ -124,6 +146,29 @@ async def test_a_wrong_token_is_told_before_the_model_loads(tmp_path: Path) -> N
     assert "Configuration error: Discord rejected the bot token: check DISCORD_TOKEN" in output
     assert "loading model" not in output and "Traceback" not in output
     assert "not-the-token" not in output
+
+
+async def test_a_health_port_in_use_is_told_before_the_model_loads(tmp_path: Path) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    await fake.start()
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            config = write_tiny_config(
+                tmp_path / "config.toml",
+                tmp_path / "no-model-here",
+                tmp_path / "data",
+                discord={"api_base_url": fake.api_base_url},
+                metrics={"enabled": True, "port": port},
+            )
+            status, output = await _run(config, TOKEN, "run")
+    finally:
+        await fake.close()
+    assert status == 2, output
+    assert f"Configuration error: metrics: cannot listen on 127.0.0.1:{port}: " in output
+    assert "loading model" not in output and "Traceback" not in output
 
 
 async def test_an_unreachable_discord_is_one_sentence(tmp_path: Path) -> None:

@@ -57,20 +57,28 @@ async def decide(
     *,
     referenced: discord.Message | None = None,
     talks_there: bool = False,
+    from_bot_message: bool = False,
     threads_without_mention: bool = True,
 ) -> str | None:
+    channel = cast(discord.abc.Messageable, SimpleNamespace())
+
     async def has_conversation(asked: ConversationScope) -> bool:
         assert asked == scope
         return talks_there
+
+    async def started_from_bot_message(thread: discord.abc.Messageable) -> bool:
+        assert thread is channel
+        return from_bot_message
 
     trigger = await trigger_of(
         sent,
         bot_id=BOT,
         scope=scope,
-        channel=cast(discord.abc.Messageable, SimpleNamespace()),
+        channel=channel,
         referenced=referenced,
         threads_without_mention=threads_without_mention,
         has_conversation=has_conversation,
+        started_from_bot_message=started_from_bot_message,
     )
     return None if trigger is None else f"{trigger.reason}{' (bot thread)' if trigger.in_bot_thread else ''}"
 
@@ -91,3 +99,10 @@ async def test_a_thread_the_bot_talks_in_needs_no_mention_unless_configured() ->
     assert await decide(message(), THREAD, talks_there=True, threads_without_mention=False) is None
     # A mention there continues the thread's own conversation (no fork from the parent channel).
     assert await decide(message(mentions=(BOT,)), THREAD, talks_there=True) == "mention (bot thread)"
+
+
+async def test_a_thread_started_from_an_answer_needs_no_mention_and_forks() -> None:
+    # Not yet a conversation of its own: the first question there forks the channel's history.
+    assert await decide(message(), THREAD, from_bot_message=True) == "answer thread"
+    assert await decide(message(), THREAD, from_bot_message=True, threads_without_mention=False) is None
+    assert await decide(message(), CHANNEL, from_bot_message=True) is None, "only threads"

@@ -19,7 +19,7 @@ from bot.settings import ModelSettings
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
-def _hub_cache(tiny_model_dir: Path, cache_dir: Path, repo_id: str, revision: str) -> None:
+def hub_cache(tiny_model_dir: Path, cache_dir: Path, repo_id: str, revision: str) -> None:
     """Lay out `tiny_model_dir` the way the Hugging Face cache stores a downloaded repo."""
     repo = cache_dir / f"models--{repo_id.replace('/', '--')}"
     shutil.copytree(tiny_model_dir, repo / "snapshots" / COMMIT)
@@ -65,7 +65,7 @@ def test_flash_attention_without_cuda_falls_back_to_sdpa(
 
 
 def test_repo_id_from_cache_dir_offline_with_revision(tiny_model_dir: Path, tmp_path: Path) -> None:
-    _hub_cache(tiny_model_dir, tmp_path, "tiny/qwen-vl", "v1")
+    hub_cache(tiny_model_dir, tmp_path, "tiny/qwen-vl", "v1")
     settings = ModelSettings(
         name_or_path="tiny/qwen-vl",
         revision="v1",
@@ -122,7 +122,7 @@ def test_an_unreachable_hub_is_said_at_once_naming_the_settings_that_help(
     assert "model.cache_dir" in str(failed.value) and "model.local_files_only" in str(failed.value)
 
     # With the files in the cache, the model loads from there at once instead.
-    _hub_cache(tiny_model_dir, tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", "main")
+    hub_cache(tiny_model_dir, tmp_path, "Qwen/Qwen2.5-VL-3B-Instruct", "main")
     started = time.monotonic()
     loaded = load_model(settings)
     assert loaded.model.config.text_config.hidden_size == 64

@@ -19,7 +19,7 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.engine import EngineRequest, GenerationResult, generate
+from bot.engine import EngineRequest, GenerationResult, RequestHandle, generate
 from bot.engine.budget import smart_resize
 from bot.engine.server import ServerEngine
 from bot.engine.worker import InferenceEngine
@@ -298,6 +298,29 @@ async def test_a_server_gone_down_is_told_within_seconds_and_back_up_answers_aga
         assert (await generate(engine, [user("hi")], conversation_key="c", generate_kwargs=GREEDY)).text
 
 
+async def test_ready_while_the_server_answers(
+    tiny_model_dir: Path, tmp_path: Path, inference_server: InferenceServer, proxy: InferenceProxy
+) -> None:
+    engine = ServerEngine(server_settings(tiny_model_dir, tmp_path, proxy.base_url, inference_server.model))
+    assert await engine.readiness() == "not started"
+    await engine.start()
+    try:
+        assert await engine.readiness() is None, "the start's GET /v1/models stands for a few seconds"
+        await proxy.go_down()
+        started = time.monotonic()
+        async with asyncio.timeout(10):  # then GET /v1/models is asked again, and refused
+            while (reason := await engine.readiness()) is None:
+                await asyncio.sleep(0.1)
+        assert reason == "the inference server failed (APIConnectionError)"
+        assert time.monotonic() - started > 1, "a verdict stands a few seconds: probes never flood the server"
+        await proxy.come_back()
+        assert (await generate(engine, [user("hi")], conversation_key="c", generate_kwargs=GREEDY)).text
+        assert await engine.readiness() is None, "an answer is a successful contact"
+    finally:
+        await engine.stop(grace=10)
+    assert await engine.readiness() == "stopped"
+
+
 async def test_start_fails_in_one_sentence_when_the_server_is_never_up(
     tiny_model_dir: Path, tmp_path: Path
 ) -> None:
@@ -414,3 +437,25 @@ async def test_a_video_goes_inline_where_the_server_takes_videos(
     url = video_part["video_url"]["url"]
     assert url.startswith("data:video/mp4;base64,")
     assert base64.b64decode(url.split(",", 1)[1]) == clip.read_bytes()
+
+
+async def test_stop_ends_the_stream_and_keeps_the_text_so_far(
+    connect: Callable[..., Any], proxy: InferenceProxy
+) -> None:
+    long_answer = {"max_new_tokens": 200, "do_sample": False}
+    async with connect() as engine:
+        full = await generate(
+            engine, [user("tell me everything")], conversation_key="a", generate_kwargs=long_answer
+        )
+        handle: RequestHandle | None = None
+
+        def stop_at_first_text(_delta: str) -> None:
+            assert handle is not None
+            handle.stop()
+
+        handle = engine.submit(
+            EngineRequest([user("tell me everything")], "b", long_answer, stop_at_first_text)
+        )
+        stopped = await handle.result()
+    assert stopped.stopped and not full.stopped
+    assert stopped.text and full.text.startswith(stopped.text) and len(stopped.text) < len(full.text)

@@ -486,10 +486,23 @@ async def test_stop_after_the_grace_period_aborts_the_running_batch(
     assert engine.stats.aborted == 1
 
 
+async def test_ready_from_the_model_loaded_until_the_worker_stops(tiny_model_dir: Path) -> None:
+    engine = InferenceEngine(make_settings(tiny_model_dir))
+    assert await engine.readiness() == "not started"
+    starting = asyncio.create_task(engine.start())
+    await asyncio.sleep(0)  # the worker thread starts and loads the model
+    assert await engine.readiness() == "the model is loading"
+    await starting
+    assert await engine.readiness() is None
+    await engine.stop()
+    assert await engine.readiness() == "stopped"
+
+
 async def test_start_with_a_bad_path_raises_model_load_error(tmp_path: Path) -> None:
     engine = InferenceEngine(make_settings(tmp_path / "no-such-model"))
     with pytest.raises(ModelLoadError):
         await engine.start()
+    assert await engine.readiness() == "stopped"
     with pytest.raises(EngineStopped):
         engine.submit(request("anything"))
     await engine.stop()
@@ -504,3 +517,49 @@ async def test_batches_stay_within_the_token_budget(tiny_model_dir: Path, spy: P
         await asyncio.gather(*(handle.result() for handle in handles))
 
     assert [calls for calls, _ in spy.calls] == [questions[:2], questions[2:]]
+
+
+async def test_stop_ends_only_that_row_at_the_next_step_and_keeps_its_text(
+    tiny_model_dir: Path, direct_pipeline: Pipeline, spy: PipelineSpy
+) -> None:
+    long_answers = {"max_new_tokens": 40, "do_sample": False}
+    questions = QUESTIONS[:3]
+    expected = direct_pipeline.run_batch([PipelineRequest(ask(q), dict(long_answers)) for q in questions])
+    settings = make_settings(tiny_model_dir, max_batch_size=3, batch_wait_ms=PATIENT_MS)
+    async with running(settings) as engine:
+        spy.hold()
+        handles = [engine.submit(request(q, generate_kwargs=long_answers)) for q in questions]
+        await spy.wait_entered()
+        handles[1].stop()  # pressed while the batch is about to run: its row ends after one token
+        spy.gate.set()
+        first, stopped, third = await asyncio.gather(*(handle.result() for handle in handles))
+
+    engine_calls = spy.calls[1:]  # the first is the direct reference run above
+    assert engine_calls == [(questions, 1.0)], "one batch, never re-run"
+    assert stopped.stopped and stopped.token_ids == expected[1].token_ids[:1]
+    assert expected[1].text.startswith(stopped.text)
+    for result, reference_output in ((first, expected[0]), (third, expected[2])):
+        assert not result.stopped
+        assert (result.text, result.token_ids) == (reference_output.text, reference_output.token_ids)
+
+
+async def test_stop_of_a_queued_request_ends_it_at_once_with_no_text(
+    tiny_model_dir: Path, spy: PipelineSpy
+) -> None:
+    settings = make_settings(tiny_model_dir, max_batch_size=1, batch_wait_ms=0)
+    async with running(settings) as engine:
+        spy.hold()
+        running_one = engine.submit(request("running"))
+        await spy.wait_entered()
+        queued = engine.submit(request("queued"))
+        last = engine.submit(request("last"))
+        queued.stop()
+        result = await queued.result()
+        assert (result.stopped, result.text, result.token_ids) == (True, "", [])
+        await asyncio.sleep(0)
+        assert last.ahead == 1 and engine.stats.queued == 1
+        spy.gate.set()
+        await asyncio.gather(running_one.result(), last.result())
+        queued.stop()  # a finished request: nothing happens
+
+    assert [questions for questions, _ in spy.calls] == [["running"], ["last"]]

@@ -11,6 +11,9 @@ Json = dict[str, Any]
 
 DISCORD_EPOCH_MS = 1_420_070_400_000
 ALL_PERMISSIONS = str((1 << 50) - 1)
+GATEWAY_MESSAGE_CONTENT_LIMITED = (
+    1 << 19
+)  # the application flag of a bot under 100 servers with the intent on
 _counter = itertools.count()
 
 
@@ -209,7 +212,19 @@ def message(
     return data
 
 
-def application(application_id: int, owner: Json) -> Json:
+def partial_guild(data: Json) -> Json:
+    """A guild as `GET /users/@me/guilds` lists it."""
+    return {
+        "id": data["id"],
+        "name": data["name"],
+        "icon": None,
+        "owner": False,
+        "permissions": ALL_PERMISSIONS,
+        "features": [],
+    }
+
+
+def application(application_id: int, owner: Json, *, flags: int) -> Json:
     return {
         "id": str(application_id),
         "name": "Vision Bot",
@@ -221,6 +236,6 @@ def application(application_id: int, owner: Json) -> Json:
         "owner": owner,
         "team": None,
         "verify_key": "0" * 64,
-        "flags": 0,
+        "flags": flags,
         "summary": "",
     }

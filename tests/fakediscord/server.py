@@ -1,14 +1,18 @@
 """A Discord-compatible gateway + REST API + CDN on 127.0.0.1, for end-to-end tests of the real client.
 
-The test builds a small world (guilds, channels, users with their guilds and roles, files), starts the
-server, points the bot at `api_base_url`, then plays users: `send_message`, `create_thread`,
-`slash_command`, `context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users'
-guilds. It speaks sharding: each gateway session gets the guilds, and the events of the guilds, of the
-shard its IDENTIFY names (`(guild_id >> 22) % shard_count`; DMs go to shard 0), and `GET /gateway/bot`
-recommends `shard_count`. Every REST call the bot makes is recorded; `wait_for_request` and
-`wait_for_message` await them with a timeout. Messages the bot posts or edits are kept in `messages` with
-their current content. An interaction whose id is over 15 minutes old plays one deferred in time whose token
-has since expired: its callback is accepted, its follow-ups and webhook edits get 401 Invalid Webhook Token.
+The test builds a small world (guilds, channels, users with their guilds and roles, files), starts the server,
+points the bot at `api_base_url`, then plays users: `send_message`, `create_thread`, `slash_command`,
+`context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users' guilds. Roles hold
+every permission (administrator included) until `set_role_permissions` narrows them;
+`add_permission_overwrite` adds a channel overwrite; `application_flags` is what `GET
+/oauth2/applications/@me` says (the message content intent on, by default). It speaks sharding: each gateway
+session gets the guilds, and the events of the guilds, of the shard its IDENTIFY names (`(guild_id >> 22) %
+shard_count`; DMs go to shard 0), and `GET /gateway/bot` recommends `shard_count`. Every REST call the bot
+makes is recorded; `wait_for_request` and `wait_for_message` await them with a timeout. Messages the bot posts
+or edits are kept in `messages` with their current content. An interaction whose id is over 15 minutes old
+plays one deferred in time whose token has since expired: its callback is accepted, its follow-ups and webhook
+edits get 401 Invalid Webhook Token. `rate_limit_next` makes the next matching REST call meet a 429, as
+Discord's rate limiter sends it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
 EPHEMERAL_FLAG = 64
 INTERACTION_TOKEN_SECONDS = 15 * 60
+_BODY = web.RequestKey("body", object)  # a request's parsed body, read once
 
 
 @dataclass(frozen=True)
@@ -50,6 +55,7 @@ class FakeUser:
     bot: bool = False
     role_ids: list[int] = field(default_factory=list)
     guild_ids: list[int] = field(default_factory=list)
+    accepts_dms: bool = True  # False: the bot's DMs get 403 "Cannot send messages to this user"
 
     @property
     def payload(self) -> Json:
@@ -98,6 +104,7 @@ class FakeDiscord:
         self.requests: list[RecordedRequest] = []
         self.messages: dict[int, Json] = {}
         self.commands: list[Json] = []
+        self.application_flags = payloads.GATEWAY_MESSAGE_CONTENT_LIMITED
         self.identify_payloads: list[Json] = []
         self._guilds: dict[int, Json] = {}
         self._users: dict[int, FakeUser] = {}
@@ -106,6 +113,7 @@ class FakeDiscord:
         self.bot_role_ids: dict[int, int] = {}  # guild id -> the bot's managed role there
         self._file_delays: dict[str, float] = {}
         self._interactions: dict[str, _Interaction] = {}
+        self._rate_limits: list[tuple[str, str, float]] = []  # (method, path part, retry_after) to answer
         self._sockets: list[web.WebSocketResponse] = []
         self._shards: dict[web.WebSocketResponse, tuple[int, int]] = {}  # identified session -> (id, count)
         self._sequence = 0
@@ -123,9 +131,14 @@ class FakeDiscord:
         api = web.RouteTableDef()
         api.get("/api/v10/gateway/bot")(self._get_gateway_bot)
         api.get("/api/v10/users/@me")(self._get_me)
+        api.get("/api/v10/users/@me/guilds")(self._get_my_guilds)
         api.get("/api/v10/oauth2/applications/@me")(self._get_application)
+        api.get("/api/v10/guilds/{guild_id}")(self._get_guild)
+        api.get("/api/v10/guilds/{guild_id}/channels")(self._get_guild_channels)
         api.get("/api/v10/guilds/{guild_id}/members/{user_id}")(self._get_member)
+        api.get("/api/v10/applications/{app_id}/commands")(self._get_commands)
         api.put("/api/v10/applications/{app_id}/commands")(self._put_commands)
+        api.post("/api/v10/users/@me/channels")(self._open_dm)
         api.get("/api/v10/channels/{channel_id}")(self._get_channel)
         api.post("/api/v10/channels/{channel_id}/typing")(self._typing)
         api.post("/api/v10/channels/{channel_id}/messages")(self._post_message)
@@ -197,6 +210,19 @@ class FakeDiscord:
         )
         return guild_id, channel_ids, role_ids
 
+    def set_role_permissions(self, guild_id: int, role_id: int, permissions: int) -> None:
+        """Give a role (`guild_id` itself: @everyone) exactly `permissions` (a bit field)."""
+        for role in self._guilds[guild_id]["roles"]:
+            if int(role["id"]) == role_id:
+                role["permissions"] = str(permissions)
+
+    def add_permission_overwrite(
+        self, channel_id: int, role_id: int, *, allow: int = 0, deny: int = 0
+    ) -> None:
+        """A channel permission overwrite for a role (`guild_id`: @everyone)."""
+        overwrite = {"id": str(role_id), "type": 0, "allow": str(allow), "deny": str(deny)}
+        self._channels[channel_id]["permission_overwrites"].append(overwrite)
+
     def add_user(
         self,
         name: str,
@@ -217,6 +243,13 @@ class FakeDiscord:
         self._channels[channel_id] = payloads.dm_channel(channel_id, recipient.payload)
         return channel_id
 
+    def dm_channel_of(self, user: FakeUser) -> int | None:
+        """The id of the DM channel between the bot and `user`, if one was opened."""
+        for channel_id, channel in self._channels.items():
+            if channel["type"] == 1 and channel["recipients"][0]["id"] == str(user.id):
+                return channel_id
+        return None
+
     def add_file(self, name: str, data: bytes, content_type: str, *, delay: float = 0.0) -> str:
         """Serve `data` from the CDN after `delay` seconds; returns its URL (signed-looking, as Discord)."""
         self._files[name] = (data, content_type)
@@ -228,6 +261,11 @@ class FakeDiscord:
 
     def attachment(self, url: str, filename: str, size: int, content_type: str | None) -> Json:
         return payloads.attachment(snowflake(), filename, url, size, content_type)
+
+    def rate_limit_next(self, method: str, path_part: str, *, retry_after: float = 0.05) -> None:
+        """The next `method` call whose path holds `path_part` gets a 429 asking to retry after `retry_after`
+        seconds (recorded like any call; the retry then goes through)."""
+        self._rate_limits.append((method, path_part, retry_after))
 
     # --- user events ---
 
@@ -397,13 +435,52 @@ class FakeDiscord:
         authorized = request.headers.get("Authorization") == f"Bot {self.token}"
         if request.path.startswith("/api/") and not token_in_url and not authorized:
             return _error(401, "401: Unauthorized")
-        body = await request.json() if request.can_read_body else None
+        body = await self._body(request)
         recorded = RecordedRequest(request.method, request.path, dict(request.query), body)
-        response = await handler(request)
+        response = self._rate_limited(request) or await handler(request)
         async with self._changed:
             self.requests.append(recorded)
             self._changed.notify_all()
         return response
+
+    async def _body(self, request: web.Request) -> Any:
+        """The request's JSON body (read once). A multipart body (a message with files, as discord.py sends
+        it) gives its `payload_json` with the files, now served by the CDN, listed under "uploaded"."""
+        if _BODY not in request:
+            body: Any = None
+            if request.content_type == "multipart/form-data":
+                form = await request.post()
+                body = json.loads(str(form["payload_json"])) if "payload_json" in form else {}
+                uploaded = []
+                for value in form.values():
+                    if isinstance(value, web.FileField):
+                        data = value.file.read()
+                        url = self.add_file(
+                            f"upload-{snowflake()}-{value.filename}", data, value.content_type
+                        )
+                        uploaded.append(self.attachment(url, value.filename, len(data), value.content_type))
+                body["uploaded"] = uploaded
+            elif request.can_read_body:
+                body = await request.json()
+            request[_BODY] = body
+        return request[_BODY]
+
+    def file_data(self, url: str) -> bytes:
+        """The bytes the CDN serves at `url` (an uploaded attachment's, for instance)."""
+        name = url.split("/cdn/", 1)[1].split("?", 1)[0]
+        return self._files[name][0]
+
+    def _rate_limited(self, request: web.Request) -> web.Response | None:
+        for limit in self._rate_limits:
+            method, path_part, retry_after = limit
+            if request.method == method and path_part in request.path:
+                self._rate_limits.remove(limit)
+                # discord.py retries a 429 only when it carries `Via` (else it takes it for Cloudflare's).
+                data = {"message": "You are being rate limited.", "retry_after": retry_after, "global": False}
+                response = _json(data, status=429)
+                response.headers["Via"] = "1.1 google"
+                return response
+        return None
 
     def _command_id(self, name: str, kind: int) -> int:
         for command in self.commands:
@@ -460,6 +537,7 @@ class FakeDiscord:
             reference=reference,
             referenced_message=self.messages.get(int(reference["message_id"])) if reference else None,
             flags=flags,
+            attachments=body.get("uploaded"),
         )
         data["allowed_mentions"] = body.get("allowed_mentions")
         self.messages[int(data["id"])] = data
@@ -508,7 +586,7 @@ class FakeDiscord:
             "shard": [shard_id, shard_count],
             "session_id": secrets.token_hex(16),
             "resume_gateway_url": self.gateway_url,
-            "application": {"id": str(self.application_id), "flags": 0},
+            "application": {"id": str(self.application_id), "flags": self.application_flags},
             "private_channels": [],
             "relationships": [],
         }
@@ -536,12 +614,30 @@ class FakeDiscord:
         return _json(self.bot.payload)
 
     async def _get_application(self, request: web.Request) -> web.Response:
-        return _json(payloads.application(self.application_id, self.owner.payload))
+        return _json(
+            payloads.application(self.application_id, self.owner.payload, flags=self.application_flags)
+        )
+
+    async def _get_my_guilds(self, request: web.Request) -> web.Response:
+        return _json([payloads.partial_guild(guild) for guild in self._guilds.values()])
+
+    async def _get_guild(self, request: web.Request) -> web.Response:
+        guild = self._guilds.get(int(request.match_info["guild_id"]))
+        return _json(guild) if guild is not None else _error(404, "Unknown Guild", 10004)
+
+    async def _get_guild_channels(self, request: web.Request) -> web.Response:
+        guild_id = request.match_info["guild_id"]
+        if int(guild_id) not in self._guilds:
+            return _error(404, "Unknown Guild", 10004)
+        channels = [c for c in self._channels.values() if c.get("guild_id") == guild_id and c["type"] != 11]
+        return _json(channels)
 
     async def _get_member(self, request: web.Request) -> web.Response:
         guild = self._guilds.get(int(request.match_info["guild_id"]))
         if guild is None:
             return _error(404, "Unknown Guild", 10004)
+        if int(request.match_info["user_id"]) == self.bot.id:
+            return _json(guild["members"][0])
         user = self._users.get(int(request.match_info["user_id"]))
         if user is None or int(guild["id"]) not in user.guild_ids:
             return _error(404, "Unknown Member", 10007)
@@ -549,8 +645,11 @@ class FakeDiscord:
         roles = [role_id for role_id in user.role_ids if role_id in guild_roles]
         return _json(payloads.member(roles, with_user=user.payload))
 
+    async def _get_commands(self, request: web.Request) -> web.Response:
+        return _json(self.commands)
+
     async def _put_commands(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         self.commands = [
             {
                 **command,
@@ -564,6 +663,13 @@ class FakeDiscord:
         ]
         return _json(self.commands)
 
+    async def _open_dm(self, request: web.Request) -> web.Response:
+        user = self._users.get(int((await self._body(request))["recipient_id"]))
+        if user is None:
+            return _error(404, "Unknown User", 10013)
+        channel_id = self.dm_channel_of(user) or self.add_dm_channel(user)
+        return _json(self._channels[channel_id])
+
     async def _get_channel(self, request: web.Request) -> web.Response:
         channel = self._channels.get(int(request.match_info["channel_id"]))
         return _json(channel) if channel is not None else _error(404, "Unknown Channel", 10003)
@@ -573,9 +679,12 @@ class FakeDiscord:
 
     async def _post_message(self, request: web.Request) -> web.Response:
         channel_id = int(request.match_info["channel_id"])
-        if channel_id not in self._channels:
+        channel = self._channels.get(channel_id)
+        if channel is None:
             return _error(404, "Unknown Channel", 10003)
-        body = await request.json()
+        if channel["type"] == 1 and not self._users[int(channel["recipients"][0]["id"])].accepts_dms:
+            return _error(403, "Cannot send messages to this user", 50007)
+        body = await self._body(request)
         if len(body.get("content") or "") > 2000:
             return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
         return _json(self._bot_message(channel_id, body))
@@ -585,14 +694,14 @@ class FakeDiscord:
         return _json(message) if message is not None else _error(404, "Unknown Message", 10008)
 
     async def _patch_message(self, request: web.Request) -> web.Response:
-        return await self._edit(int(request.match_info["message_id"]), await request.json())
+        return await self._edit(int(request.match_info["message_id"]), await self._body(request))
 
     async def _delete_message(self, request: web.Request) -> web.Response:
         self.messages.pop(int(request.match_info["message_id"]), None)
         return web.Response(status=204)
 
     async def _start_thread(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        body = await self._body(request)
         parent_id, message_id = int(request.match_info["channel_id"]), int(request.match_info["message_id"])
         if message_id in self._channels:
             return _error(400, "A thread has already been created for this message", 160004)
@@ -604,7 +713,7 @@ class FakeDiscord:
         interaction = self._interactions.get(request.match_info["token"])
         if interaction is None:
             return _error(404, "Unknown interaction", 10062)
-        body = await request.json()
+        body = await self._body(request)
         flags = (body.get("data") or {}).get("flags") or 0
         original = self._bot_message(interaction.channel_id, body.get("data") or {}, flags=flags)
         interaction.original_message_id = int(original["id"])
@@ -646,7 +755,7 @@ class FakeDiscord:
         message_id = self._webhook_message_id(request)
         if message_id is None:
             return _error(401, "Invalid Webhook Token", 50027)
-        return await self._edit(message_id, await request.json())
+        return await self._edit(message_id, await self._body(request))
 
     async def _delete_webhook_message(self, request: web.Request) -> web.Response:
         message_id = self._webhook_message_id(request)
@@ -665,4 +774,6 @@ class FakeDiscord:
         if "content" in body:
             message["content"] = body["content"]
             message["edited_timestamp"] = payloads.iso_now()
+        if "uploaded" in body:  # the files sent replace the message's attachments
+            message["attachments"] = body["uploaded"]
         return _json(message)
