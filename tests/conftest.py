@@ -24,13 +24,16 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny-model"), seed=0)
 
 
-@pytest.fixture
-def postgresql_url() -> Iterator[str]:
-    """A fresh, empty schema on the PostgreSQL server of `BOT_TEST_DATABASE_URL`, dropped after the test.
+@pytest.fixture(scope="session")
+def postgresql_server() -> str:
+    """The PostgreSQL server of `BOT_TEST_DATABASE_URL`; skips the tests without it, fails them under CI."""
+    return required_server_url()
 
-    Skips the test without that variable, or fails it under CI (see `tests.store.backend`).
-    """
-    with fresh_schema(required_server_url()) as url:
+
+@pytest.fixture
+def postgresql_url(postgresql_server: str) -> Iterator[str]:
+    """A fresh, empty schema on that server, dropped after the test (see `tests.store.backend`)."""
+    with fresh_schema(postgresql_server) as url:
         yield url
 
 

@@ -117,7 +117,7 @@ def shard_config(
 
 
 async def test_two_shard_processes_share_one_database(
-    tiny_model_dir: Path, inference_server: InferenceServer, postgresql_url: str, tmp_path: Path
+    postgresql_url: str, tiny_model_dir: Path, inference_server: InferenceServer, tmp_path: Path
 ) -> None:
     fake = FakeDiscord(token=TOKEN, shard_count=SHARDS)
     guild_a, (channel_a,), _ = fake.add_guild("A", ["general"], shard=0)
@@ -155,7 +155,7 @@ async def test_two_shard_processes_share_one_database(
 
 
 async def test_a_message_both_processes_get_during_a_hand_over_is_answered_once(
-    tiny_model_dir: Path, inference_server: InferenceServer, postgresql_url: str, tmp_path: Path
+    postgresql_url: str, tiny_model_dir: Path, inference_server: InferenceServer, tmp_path: Path
 ) -> None:
     fake = FakeDiscord(token=TOKEN, shard_count=1)
     guild, (channel,), _ = fake.add_guild("G", ["general"])
