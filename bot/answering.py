@@ -344,14 +344,15 @@ class AnswerService:
             log.error("could not store the answer in %s: %s", key, exc)
             shown = display_text(result.text) + (STOPPED_NOTE if result.stopped else "")
             return Answer(text=shown + UNSAVED_NOTE, assistant_message_id=None, stopped=result.stopped)
-        log.info(
-            "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
-            key,
-            result.prompt_tokens,
-            result.completion_tokens,
-            result.queue_seconds,
-            result.generate_seconds,
-        )
+        if not recorded.duplicate:  # else another process stored it first, and this answer is dropped
+            log.info(
+                "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
+                key,
+                result.prompt_tokens,
+                result.completion_tokens,
+                result.queue_seconds,
+                result.generate_seconds,
+            )
         return Answer(
             text=display_text(result.text) + (STOPPED_NOTE if result.stopped else ""),
             assistant_message_id=recorded.assistant_message_id,

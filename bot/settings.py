@@ -40,6 +40,20 @@ class DiscordSettings(_Section):
     sync_commands_on_start: bool = True
     stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
     answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
+    shard_count: int | None = Field(default=None, ge=1)  # None: Discord's recommendation (GET /gateway/bot)
+    shard_ids: list[int] | None = None  # the shards this process runs; None: all of them
+
+    @model_validator(mode="after")
+    def _shards_in_range(self) -> DiscordSettings:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("shard_ids needs shard_count: the total number of shards over all processes")
+        if not self.shard_ids or len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("shard_ids must list each of this process's shards once")
+        if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
+            raise ValueError(f"shard_ids must be between 0 and shard_count - 1 ({self.shard_count - 1})")
+        return self
 
 
 class LimitSettings(_Section):

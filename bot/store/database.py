@@ -5,7 +5,8 @@ the database file readable by its owner only (SQLite gives its WAL and shared-me
 everyone's conversations are in there). On every new connection it sets WAL mode (readers never block the
 writer), a busy timeout (a second process waits for the write lock instead of failing at once) and
 `foreign_keys=ON` (SQLite leaves foreign keys off by default). `upgrade` runs the Alembic migrations to head;
-it is the only way the schema is created.
+it is the only way the schema is created. On PostgreSQL it holds an advisory lock meanwhile, so that several
+processes starting at once (shards) migrate one after another.
 """
 
 from __future__ import annotations
@@ -19,12 +20,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
 
 import migrations
 from bot.errors import ConfigError, StoreError
+
+_MIGRATION_LOCK_KEY = 0x71776E5F626F74  # PostgreSQL advisory lock held while migrating ("qwn_bot")
 
 
 def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engine:
@@ -100,13 +103,24 @@ def upgrade(database_url: str, *, busy_timeout_ms: int = 5000) -> None:
     engine = create_engine_for(database_url, busy_timeout_ms=busy_timeout_ms)
     try:
         with engine.begin() as connection:
-            config = alembic_config()
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
+            upgrade_in(connection)
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot migrate the database: {exc}") from exc
+        raise StoreError(f"cannot migrate the database: {_reason(exc)}") from exc
     finally:
         engine.dispose()
+
+
+def upgrade_in(connection: Connection) -> None:
+    """Migrate to the newest schema inside the caller's transaction on `connection`.
+
+    On PostgreSQL the transaction holds the migration lock first: processes started together (shards) migrate
+    one at a time, and the later ones find the schema already at head.
+    """
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _MIGRATION_LOCK_KEY})
+    config = alembic_config()
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
 
 
 def schema_revisions(database_url: str, *, busy_timeout_ms: int = 5000) -> tuple[str | None, str | None]:
@@ -125,6 +139,13 @@ def schema_revisions(database_url: str, *, busy_timeout_ms: int = 5000) -> tuple
         with engine.connect() as connection:
             return MigrationContext.configure(connection).get_current_revision(), head
     except SQLAlchemyError as exc:
-        raise StoreError(f"cannot read the database: {exc}") from exc
+        raise StoreError(f"cannot read the database: {_reason(exc)}") from exc
     finally:
         engine.dispose()
+
+
+def _reason(exc: SQLAlchemyError) -> str:
+    """The driver's own first line (e.g. "... port 5432 failed: Connection refused"), without SQLAlchemy's
+    statement and link to its error guide."""
+    message = str(exc.orig if isinstance(exc, DBAPIError) else exc).strip()
+    return message.splitlines()[0] if message else type(exc).__name__

@@ -106,6 +106,7 @@ def _posts(world: World, channel_id: int) -> list[dict]:
 async def test_connects_through_the_advertised_gateway_and_syncs_commands(world: World) -> None:
     fake = world.fake
     assert fake.requests_to("GET", "/gateway/bot"), "gateway_url unset: the bot asks GET /gateway/bot"
+    assert fake.identify_payloads[0]["shard"] == [0, fake.shard_count], "all the recommended shards, here"
     assert fake.identify_payloads[0]["intents"] & (1 << 15), "MESSAGE_CONTENT intent requested"
     names = sorted((command["name"], command["type"]) for command in fake.commands)
     assert names == [("Ask about this image", 3), ("ask", 1), ("history", 1), ("reset", 1)]

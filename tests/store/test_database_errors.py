@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
@@ -40,3 +41,17 @@ def test_database_that_cannot_be_opened_is_a_store_error(tmp_path: Path) -> None
 
     with pytest.raises(StoreError, match="cannot migrate the database"):
         upgrade(f"sqlite:///{folder_in_the_way.as_posix()}")
+
+
+def test_unreachable_postgresql_is_one_line() -> None:
+    pytest.importorskip("psycopg")
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    with pytest.raises(StoreError) as caught:
+        upgrade(f"postgresql+psycopg://bot:secret@127.0.0.1:{port}/bot")
+
+    message = str(caught.value)
+    assert message.startswith("cannot migrate the database: ") and f"port {port} failed" in message
+    assert "\n" not in message and "sqlalche.me" not in message and "secret" not in message
