@@ -15,6 +15,7 @@ at each scrape, so they have one owner. `bot.health` serves `registry` at /metri
     qwenbot_model_load_seconds               how long the engine took to start (model load, or server check)
     qwenbot_media_bytes                      bytes received per attachment (histogram)
     qwenbot_media_failures_total{error}      attachments refused, by error class
+    qwenbot_media_decode_waits_total         images whose decode waited for others to free memory
     qwenbot_discord_http_errors_total{status}  Discord REST responses >= 400 by status (429: rate limited)
     qwenbot_store_errors_total{error}        database operations that failed, by SQLAlchemy error class
 """
@@ -76,6 +77,11 @@ class Metrics:
             ("error",),
             registry=registry,
         )
+        self._media_decode_waits = Counter(
+            f"{PREFIX}_media_decode_waits_total",
+            "Images whose decode waited for others to finish (their pixels together were over the cap)",
+            registry=registry,
+        )
         self._discord_http_errors = Counter(
             f"{PREFIX}_discord_http_errors_total",
             "Discord REST responses with status 400 or above, by status (429: rate limited)",
@@ -128,6 +134,10 @@ class Metrics:
     def media_failed(self, error: Exception) -> None:
         """An attachment was refused with `error`."""
         self._media_failures.labels(type(error).__name__).inc()
+
+    def media_decode_waited(self) -> None:
+        """An image's decode waited for others to finish before it started."""
+        self._media_decode_waits.inc()
 
     # -- store ---------------------------------------------------------------------------------------------
 

@@ -1,0 +1,45 @@
+"""A stored image decoded and resized as the model takes it, holding the full-size pixels only briefly.
+
+`qwen_vl_utils.fetch_image` opens the file, converts it to RGB (a second full-size copy, even when it is RGB
+already) and then resizes it with PIL's default filter (bicubic) to `budget.smart_resize`'s size: a
+7900x7900 PNG costs about 500 MiB at its peak. `image_for_model` does the same arithmetic on the same
+decoded pixels, so the result is pixel for pixel what `fetch_image` returns, but it resizes straight from
+the decoded image (stored images are always RGB: no conversion) and drops that image at once: about half
+the peak. Torch-free: the server backend uses it too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PIL import Image
+
+from bot.engine.budget import smart_resize
+
+
+def image_for_model(path: Path | str, *, min_pixels: int, max_pixels: int) -> Image.Image:
+    """The RGB image at `path`, resized into [min_pixels, max_pixels] exactly as `fetch_image` resizes it."""
+    with Image.open(path) as opened:
+        opened.load()
+        full = _to_rgb(opened)
+        height, width = smart_resize(full.height, full.width, min_pixels=min_pixels, max_pixels=max_pixels)
+        resized = full.resize((width, height))  # a copy when the size is already right
+        del full  # the full-size pixels go now, with `opened`, not when the caller's frame ends
+    return resized
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """`qwen_vl_utils.to_rgb`, without its copy of an image that is RGB already."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "RGBA":
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image, mask=image.split()[3])
+        return background
+    return image.convert("RGB")
+
+
+def is_model_size(image: Image.Image, *, min_pixels: int, max_pixels: int) -> bool:
+    """Whether `smart_resize` leaves `image`'s size as it is, so resizing it again changes nothing."""
+    size = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
+    return size == (image.height, image.width)
