@@ -13,6 +13,7 @@ from typing import Self
 import aiohttp
 
 from bot.content import StoredMedia
+from bot.engine.images import release_memory
 from bot.errors import MediaError, TooLarge, Unreachable, UnsupportedMediaType
 from bot.media.decode import image_size, probe_video, validate_image
 from bot.media.decode_gate import DecodeGate
@@ -162,6 +163,7 @@ class MediaFetcher:
 
     def _validate_and_store(self, data: bytes, media_type: MediaType, digest: str) -> StoredMedia:
         image = validate_image(data, media_type, self._settings.max_pixels)
+        release_memory(image.width * image.height)  # the decoded pixels are freed by now
         digest, path = store_content_addressed(
             self._media_dir, image.data, image.media_type.extension, digest=digest if image.kept else None
         )
