@@ -18,6 +18,7 @@ at each scrape, so they have one owner. `bot.health` serves `registry` at /metri
     qwenbot_media_decode_waits_total         images whose decode waited for others to free memory
     qwenbot_discord_http_errors_total{status}  Discord REST responses >= 400 by status (429: rate limited)
     qwenbot_store_errors_total{error}        database operations that failed, by SQLAlchemy error class
+    qwenbot_store_write_retries_total        tries again of turns the database refused for a passing reason
 """
 
 from __future__ import annotations
@@ -94,6 +95,11 @@ class Metrics:
             ("error",),
             registry=registry,
         )
+        self._store_write_retries = Counter(
+            f"{PREFIX}_store_write_retries_total",
+            "Tries again of turns whose write failed for a passing reason (database locked, busy, lost)",
+            registry=registry,
+        )
         self._engine = _EngineCollector()
         registry.register(self._engine)
 
@@ -144,6 +150,10 @@ class Metrics:
     def store_failed(self, error: Exception) -> None:
         """A database operation failed with `error` (SQLAlchemy's exception)."""
         self._store_errors.labels(type(error).__name__).inc()
+
+    def store_write_retried(self) -> None:
+        """A turn's write is tried again after a transient failure."""
+        self._store_write_retries.inc()
 
     # -- Discord -------------------------------------------------------------------------------------------
 
