@@ -521,7 +521,8 @@ async def test_a_locked_database_keeps_the_answer_and_stores_it_in_order_once_fr
         again = await service.answer(Question(scope=CHANNEL, text="first while locked", discord_message_id=7))
         assert again.duplicate, "a redelivery while the write is retried is not answered twice"
         # Another channel is answered meanwhile, well within the time the lock is held.
-        elsewhere = await asyncio.wait_for(service.answer(Question(scope=OTHER_CHANNEL, text="and here?")), 30)
+        asked_elsewhere = service.answer(Question(scope=OTHER_CHANNEL, text="and here?"))
+        elsewhere = await asyncio.wait_for(asked_elsewhere, 30)
         assert elsewhere.text and elsewhere.recording is not None
         assert not follow_up.done(), "the next question in the channel waits for the earlier write"
         assert _user_texts(spy.seen[-1]) == ["hello there", "and here?"]
