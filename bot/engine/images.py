@@ -7,9 +7,10 @@ decoded pixels, so the result is pixel for pixel what `fetch_image` returns, but
 the decoded image (stored images are always RGB: no conversion) and drops that image at once: about half
 the peak. Torch-free: the server backend uses it too.
 
-`release_memory` hands the pages of a big decode back to the system once it is freed: glibc keeps freed
+`release_memory` hands freed pages back to the system after big decodes and batches: glibc keeps the freed
 memory of worker threads' arenas for reuse, and without it a 7900x7900 PNG validated in a worker thread
-left ~240 MiB resident after the answer (`bench/bench_big_images.py`).
+left ~240 MiB resident after the answer, and twelve of them 200 MiB more after their batch
+(`bench/bench_big_images.py`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ def image_for_model(path: Path | str, *, min_pixels: int, max_pixels: int) -> Im
         resized = full.resize((width, height))  # a copy when the size is already right
         del full
         opened.close()  # the full-size pixels go now, not when the caller's frame ends
-    release_memory(opened.width * opened.height)
+    release_memory(4 * opened.width * opened.height)  # Pillow keeps RGB in 4 bytes a pixel
     return resized
 
 
@@ -54,16 +55,16 @@ def is_model_size(image: Image.Image, *, min_pixels: int, max_pixels: int) -> bo
     return size == (image.height, image.width)
 
 
-TRIM_AFTER_PIXELS = 16_000_000  # 64 MiB of decoded RGB and more: worth a trim
+TRIM_AFTER_BYTES = 64 * 1024 * 1024  # a 16-megapixel decode, or the pixel values of a few images
 
 
-def release_memory(pixels: int) -> None:
-    """After a decode of `pixels` pixels is freed: return freed heap pages to the system when it was big.
+def release_memory(freed_bytes: int) -> None:
+    """After `freed_bytes` were freed: hand freed heap pages back to the system when that was much.
 
-    `malloc_trim(0)` on glibc; nothing elsewhere, or for images under `TRIM_AFTER_PIXELS`.
+    `malloc_trim(0)` on glibc (a few milliseconds); nothing elsewhere, or under `TRIM_AFTER_BYTES`.
     """
     trim = _malloc_trim()
-    if trim is not None and pixels >= TRIM_AFTER_PIXELS:
+    if trim is not None and freed_bytes >= TRIM_AFTER_BYTES:
         trim()
 
 

@@ -20,7 +20,7 @@ from qwen_vl_utils import extract_vision_info, process_vision_info
 from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from bot.engine.images import image_for_model, is_model_size
+from bot.engine.images import image_for_model, is_model_size, release_memory
 from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_features
 
 _VISION_KEYS = ("image", "image_url", "video")
@@ -146,6 +146,11 @@ class Pipeline:
             rows, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        pixel_bytes = sum(
+            value.nbytes for name, value in prepared.inputs.items() if name.startswith("pixel_values")
+        )
+        del prepared, inputs, generated
+        release_memory(pixel_bytes)  # the batch's pixel values are freed by now
         return [
             PipelineOutput(text=text, token_ids=ids, prompt_tokens=int(length))
             for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)

@@ -163,7 +163,7 @@ class MediaFetcher:
 
     def _validate_and_store(self, data: bytes, media_type: MediaType, digest: str) -> StoredMedia:
         image = validate_image(data, media_type, self._settings.max_pixels)
-        release_memory(image.width * image.height)  # the decoded pixels are freed by now
+        release_memory(4 * image.width * image.height)  # the decoded pixels are freed by now
         digest, path = store_content_addressed(
             self._media_dir, image.data, image.media_type.extension, digest=digest if image.kept else None
         )
