@@ -78,8 +78,12 @@ class ImageUrlCache:
             url = self._cached(key)  # made by another request while this one waited
             if url is None:
                 url = make()
+                self._remember(key, url)
+        return url
+
+    def _remember(self, key: tuple[str, int, int], url: str) -> None:
         if len(url) > self.max_bytes:
-            return url
+            return
         with self._lock:
             if key not in self._entries:
                 self._entries[key] = url
@@ -87,7 +91,6 @@ class ImageUrlCache:
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= len(evicted)
-        return url
 
     def _cached(self, key: tuple[str, int, int]) -> str | None:
         with self._lock:
