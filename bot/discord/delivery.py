@@ -1,8 +1,9 @@
 """One question through the answering service onto Discord, shared by messages and slash commands.
 
 Every outcome reaches the user: the streamed answer, a `BotError`'s own sentence, or a generic sentence for
-an unexpected failure (logged with its traceback). Discord HTTP errors while replying are logged here and
-never propagate into discord.py's gateway loop.
+an unexpected failure (logged with its traceback). An answer whose turn the store is still retrying is shown
+at once; should the retries give up, the reply is edited to say the turn won't be remembered. Discord HTTP
+errors while replying are logged here and never propagate into discord.py's gateway loop.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Protocol
 
 import discord
 
-from bot.answering import AnswerService, Question, ThreadOrigin
+from bot.answering import AnswerService, Question, ThreadOrigin, with_unsaved_note
 from bot.content import ConversationScope
 from bot.discord.access import AccessPolicy
 from bot.discord.limits import UserLimits
@@ -114,7 +115,8 @@ async def deliver(
     typing_in: discord.abc.Messageable | None = None,
     present_error: ErrorPresenter = _replace_reply,
 ) -> None:
-    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer.
+    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer,
+    once its turn is stored (a retried write is awaited here; giving up adds the unsaved note to the reply).
 
     While it streams, the reply shows a Stop button for `asker_id` (and moderators). While the bot shuts down
     (`deliveries.draining`), a new question is told to come back instead.
@@ -161,6 +163,9 @@ async def deliver(
         messages = await reply.finish(answer.text)
         if not messages:
             log.warning("the answer in %s could not be posted", question.scope.key)
+            return
+        if answer.recording is not None and await answer.stored_id() is None:
+            await reply.amend(with_unsaved_note(answer.text))
             return
         try:
             await service.attach_reply(answer, messages[0].id)

@@ -260,6 +260,16 @@ class StreamingReply:
         await self._pump_task
         return self.messages
 
+    async def amend(self, text: str) -> list[discord.Message]:
+        """After `finish`: show `text` as the whole reply instead, in one more round (e.g. with a note)."""
+        if self._pump_task is not None:
+            await self._pump_task
+        self._text = text
+        self._final = True
+        if not self._refused:
+            await self._render(final=True)
+        return self.messages
+
     def _poke(self) -> None:
         if self._pump_task is None:
             self._pump_task = asyncio.get_running_loop().create_task(self._pump())
