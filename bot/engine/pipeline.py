@@ -3,6 +3,11 @@
 For each request: chat template → vision info → processor → generate → trim the prompt → decode, exactly
 as the reference notebook does it, with left padding so several conversations run through one `generate` call.
 Images and videos must be local files: nothing here downloads anything.
+
+A batch may pause after any decode step so that other requests can join it (the worker's continuous batching).
+A paused request resumes in a later call from its answer so far: its prompt is read again with those ids
+appended, through the same `generate` path, so 3D rope positions, padding and masks are the model's own and a
+greedy answer continues exactly where it left off; the vision cache spares the encoder.
 """
 
 from __future__ import annotations
@@ -25,6 +30,30 @@ from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_featu
 _VISION_KEYS = ("image", "image_url", "video")
 # An image part's own settings that shape its pixels (its file or PIL image and the processor do the rest).
 _IMAGE_SETTINGS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+# generate() options that mean the same for a row resumed from its answer so far: none counts from the end of
+# the prompt (as min_new_tokens or forced_eos_token_id do) or needs the whole search (as beams do).
+_RESUMABLE_OPTIONS = frozenset(
+    {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty"}
+)
+# The processor's outputs with one value per token: ids, mask, and the token types (0: text).
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+@dataclass
+class _RowText:
+    """One row's streamed ids and the window of them still being decoded."""
+
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # the window starts here: the text before is sent
+    read: int = 0  # the window's tokens up to here are sent too
+
+
+@dataclass
+class AnswerSoFar:
+    """A request's generated ids, kept while its batch is paused, and how much of them was streamed."""
+
+    ids: list[int] = field(default_factory=list)
+    stream: _RowText = field(default_factory=_RowText)
 
 
 @dataclass
@@ -37,6 +66,8 @@ class PipelineRequest:
     on_text: Callable[[str], None] | None = None
     # Asked after every decode step; True ends this row there (its text so far is its answer), the rest go on.
     should_stop: Callable[[], bool] | None = None
+    # A paused output's `resume`: the answer goes on from there (`run_batch` extends it); None starts afresh.
+    resume: AnswerSoFar | None = None
 
 
 @dataclass
@@ -46,6 +77,12 @@ class PipelineOutput:
     text: str
     token_ids: list[int]
     prompt_tokens: int
+    resume: AnswerSoFar | None = None  # set when paused before its end: the request's `resume` to go on
+
+    @property
+    def finished(self) -> bool:
+        """Whether the answer has ended (else it paused)."""
+        return self.resume is None
 
 
 @dataclass
@@ -118,35 +155,83 @@ class Pipeline:
         image_keys = None if images is None else self._image_keys(images, inputs)
         return PreparedBatch(inputs=inputs, prompt_texts=texts, image_keys=image_keys)
 
-    def run_batch(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> list[PipelineOutput]:
-        """Answer every request with one `generate` call; all requests must share the same generate_kwargs."""
+    def run_batch(
+        self,
+        requests: list[PipelineRequest],
+        *,
+        pixel_scale: float = 1.0,
+        pause: Callable[[], bool] | None = None,
+    ) -> list[PipelineOutput]:
+        """Answer every request with one `generate` call; all requests must share the same generate_kwargs.
+
+        `pause` is asked after every decode step: True ends the call there, and the rows that had not finished
+        come back with a `resume` state; passed in again as their requests' `resume` (with other requests,
+        possibly), they go on where they left off. It is not asked when the options cannot resume
+        (`_RESUMABLE_OPTIONS`, and a `max_new_tokens`).
+        """
         if not requests:
             return []
         if any(request.generate_kwargs != requests[0].generate_kwargs for request in requests):
             raise ValueError("requests in one batch must share the same generate_kwargs")
         generate_kwargs = {k: v for k, v in requests[0].generate_kwargs.items() if v is not None}
+        budget = self._pausable_budget(generate_kwargs)
+        answers = [request.resume or AnswerSoFar() for request in requests]
+        done_so_far = [len(answer.ids) for answer in answers]
+        if budget is None and any(done_so_far):
+            raise ValueError("only requests whose options can pause resume from an answer so far")
         prepared = self.prepare(requests, pixel_scale=pixel_scale)
         vision_cache = self._vision_cache(prepared.image_keys)
-        inputs = prepared.inputs.to(self.model.device)
+        prompt_lengths = prepared.inputs["attention_mask"].sum(dim=1).tolist()
+        inputs = _extended(prepared.inputs, [answer.ids for answer in answers], self._pad_id)
+        inputs = inputs.to(self.model.device)
+        remaining = None if budget is None else [budget - done for done in done_so_far]
+        if remaining is not None:
+            generate_kwargs["max_new_tokens"] = max(remaining)
+        checks = [request.should_stop for request in requests]
+        limits = _RowLimits(checks, remaining, pause if remaining is not None else None)
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([limits])
+        streamer = None
         if any(request.on_text is not None for request in requests):
-            generate_kwargs["streamer"] = _BatchStreamer(
-                self.processor.tokenizer, [request.on_text for request in requests], self._eos_ids
+            streamer = _BatchStreamer(
+                self.processor.tokenizer,
+                [request.on_text for request in requests],
+                [answer.stream for answer in answers],
+                self._eos_ids,
             )
-        if any(request.should_stop is not None for request in requests):
-            checks = [request.should_stop for request in requests]
-            generate_kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsAskedToStop(checks)])
+            generate_kwargs["streamer"] = streamer
         with torch.inference_mode(), vision_cache:
             generated = self.model.generate(**inputs, **generate_kwargs)
         prompt_width = inputs["input_ids"].shape[1]
-        rows = [self._answer_ids(row[prompt_width:].tolist()) for row in generated]
+        outputs = []
+        for index, (answer, row) in enumerate(zip(answers, generated, strict=True)):
+            new_ids, ended = self._answer_ids(row[prompt_width:].tolist())
+            answer.ids.extend(new_ids)
+            finished = ended or limits.ended[index] or not limits.paused
+            if finished and streamer is not None:
+                streamer.finish(index)
+            outputs.append(
+                PipelineOutput(
+                    text="",
+                    token_ids=list(answer.ids),
+                    prompt_tokens=int(prompt_lengths[index]),
+                    resume=None if finished else answer,
+                )
+            )
         texts = self.processor.batch_decode(
-            rows, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            [output.token_ids for output in outputs],
+            skip_special_tokens=True,
+            clean_up_tokenization_spaces=False,
         )
-        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        return [
-            PipelineOutput(text=text, token_ids=ids, prompt_tokens=int(length))
-            for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)
-        ]
+        for output, text in zip(outputs, texts, strict=True):
+            output.text = text
+        return outputs
+
+    def _pausable_budget(self, generate_kwargs: Mapping[str, object]) -> int | None:
+        """The new tokens a row may have in all, when these options can pause and resume; else None."""
+        if not _RESUMABLE_OPTIONS.issuperset(generate_kwargs):
+            return None
+        budget = generate_kwargs.get("max_new_tokens", self.model.generation_config.max_new_tokens)
+        return budget if isinstance(budget, int) else None
 
     def _vision_cache(self, image_keys: list[str] | None) -> contextlib.AbstractContextManager[None]:
         if self.vision_cache is None or not image_keys:
@@ -185,13 +270,14 @@ class Pipeline:
             keys.append(digest.hexdigest())
         return keys
 
-    def _answer_ids(self, ids: list[int]) -> list[int]:
+    def _answer_ids(self, ids: list[int]) -> tuple[list[int], bool]:
+        """A row's new ids without EOS and padding, and whether it ended with EOS."""
         for index, token_id in enumerate(ids):
             if token_id in self._eos_ids:
-                return ids[:index]
+                return ids[:index], True
         while ids and ids[-1] == self._pad_id:
             ids.pop()
-        return ids
+        return ids, False
 
     def _with_pixel_limits(self, messages: Sequence[Mapping[str, Any]], pixel_scale: float) -> list[dict]:
         """A copy of `messages` whose vision parts are local files carrying their pixel limits."""
@@ -231,14 +317,55 @@ class Pipeline:
         return part
 
 
-class _RowsAskedToStop(StoppingCriteria):
-    """Ends each row whose request asks to stop; `generate` pads finished rows while the others go on."""
+def _extended(inputs: BatchFeature, answers: list[list[int]], pad_id: int) -> BatchFeature:
+    """`inputs` with each row's answer so far appended to its prompt, left-padded again.
 
-    def __init__(self, checks: list[Callable[[], bool] | None]) -> None:
+    Every per-token tensor grows: `input_ids` by the ids, `attention_mask` by ones, the token types by zeros
+    (text). Nothing changes when no row has an answer so far.
+    """
+    if not any(answers):
+        return inputs
+    mask = inputs["attention_mask"].bool()
+    width = max(int(row.sum()) + len(answer) for row, answer in zip(mask, answers, strict=True))
+    per_token = [key for key in _PER_TOKEN if key in inputs]
+    extended = {key: value for key, value in inputs.items() if key not in per_token}
+    for key in per_token:
+        rows = []
+        for row, keep, answer in zip(inputs[key], mask, answers, strict=True):
+            tail = answer if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(answer)
+            values = row[keep].tolist() + tail
+            padding = pad_id if key == "input_ids" else 0
+            rows.append([padding] * (width - len(values)) + values)
+        extended[key] = torch.tensor(rows, dtype=inputs[key].dtype)
+    return BatchFeature(extended)
+
+
+class _RowLimits(StoppingCriteria):
+    """Ends each row whose request asks to stop or whose budget is spent (`generate` pads finished rows while
+    the others go on), and every row at once when `pause` says so."""
+
+    def __init__(
+        self,
+        checks: list[Callable[[], bool] | None],
+        remaining: list[int] | None,
+        pause: Callable[[], bool] | None,
+    ) -> None:
         self._checks = checks
+        self._remaining = remaining
+        self._pause = pause
+        self._steps = 0
+        self.ended = [False] * len(checks)  # a row ended here, by its check or its budget
+        self.paused = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        stopped = [check is not None and check() for check in self._checks]
+        self._steps += 1
+        for row, check in enumerate(self._checks):
+            spent = self._remaining is not None and self._steps >= self._remaining[row]
+            if not self.ended[row] and (spent or (check is not None and check())):
+                self.ended[row] = True
+        if self._pause is not None and not all(self.ended) and self._pause():
+            self.paused = True
+        stopped = [True] * len(self.ended) if self.paused else self.ended
         return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
@@ -260,12 +387,16 @@ class _BatchStreamer(BaseStreamer):
     """
 
     def __init__(
-        self, tokenizer: Any, callbacks: list[Callable[[str], None] | None], eos_ids: frozenset[int]
+        self,
+        tokenizer: Any,
+        callbacks: list[Callable[[str], None] | None],
+        rows: list[_RowText],
+        eos_ids: frozenset[int],
     ):
         self._tokenizer = tokenizer
         self._callbacks = callbacks
         self._eos_ids = eos_ids
-        self._rows = [_RowText() for _ in callbacks]
+        self._rows = rows  # each row's state, kept by its request across the runs of a paused batch
         self._done = [callback is None for callback in callbacks]
         self._prompt_seen = False
 
@@ -284,10 +415,13 @@ class _BatchStreamer(BaseStreamer):
             self._emit(row, final=False)
 
     def end(self) -> None:
-        for row in range(len(self._callbacks)):
-            if not self._done[row]:
-                self._done[row] = True
-                self._emit(row, final=True)
+        """Nothing: `run_batch` knows which rows finished (`finish`) and which only paused."""
+
+    def finish(self, row: int) -> None:
+        """Send what `row` still holds back: its answer has ended."""
+        if not self._done[row]:
+            self._done[row] = True
+            self._emit(row, final=True)
 
     def _emit(self, row: int, *, final: bool) -> None:
         state = self._rows[row]
@@ -304,12 +438,3 @@ class _BatchStreamer(BaseStreamer):
         if not ids:
             return ""
         return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
-@dataclass
-class _RowText:
-    """One row's generated ids and the window of them still being decoded."""
-
-    ids: list[int] = field(default_factory=list)
-    prefix: int = 0  # the window starts here: the text before is sent
-    read: int = 0  # the window's tokens up to here are sent too
