@@ -89,7 +89,13 @@ class PipelineSpy:
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         original = Pipeline.run_batch
 
-        def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+        def run_batch(
+            pipeline: Pipeline,
+            requests: list[PipelineRequest],
+            *,
+            pixel_scale: float = 1.0,
+            pause: Callable[[], bool] | None = None,
+        ):
             questions = [question_of(request.messages) for request in requests]
             self.calls.append((questions, pixel_scale))
             self.entered.set()
@@ -97,7 +103,7 @@ class PipelineSpy:
             fault = self.fault(questions, pixel_scale)
             if fault is not None:
                 raise fault
-            return original(pipeline, requests, pixel_scale=pixel_scale)
+            return original(pipeline, requests, pixel_scale=pixel_scale, pause=pause)
 
         monkeypatch.setattr(Pipeline, "run_batch", run_batch)
 
@@ -285,7 +291,13 @@ async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
     original = Pipeline.run_batch
     scales: list[float] = []
 
-    def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+    def run_batch(
+        pipeline: Pipeline,
+        requests: list[PipelineRequest],
+        *,
+        pixel_scale: float = 1.0,
+        pause: Callable[[], bool] | None = None,
+    ):
         scales.append(pixel_scale)
         if len(scales) == 1:  # the device fails after the second piece of text was streamed
             forward = requests[0].on_text
@@ -300,7 +312,7 @@ async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
                     raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
             requests = [dataclasses.replace(requests[0], on_text=failing)]
-        return original(pipeline, requests, pixel_scale=pixel_scale)
+        return original(pipeline, requests, pixel_scale=pixel_scale, pause=pause)
 
     monkeypatch.setattr(Pipeline, "run_batch", run_batch)
     deltas: list[str] = []
