@@ -14,8 +14,8 @@ the next step resumes its rows (from their answers so far, see `bot.engine.pipel
 Failures stay per request. A batch that raises is retried one request at a time from the start of each
 answer, so one bad request (a newcomer too) does not fail its batch-mates (`GenerationFailed`, the original as
 `__cause__`). Out of memory empties the CUDA cache and retries each request alone with half the pixels, then
-fails that request with `OutOfMemory`. Callbacks
-(`on_text`, `on_queue_position`) and results always arrive on the event loop thread.
+fails that request with `OutOfMemory`. Callbacks (`on_text`, `on_queue_position`) and results always arrive on
+the event loop thread.
 """
 
 from __future__ import annotations
@@ -249,11 +249,7 @@ class InferenceEngine(EngineFrontEnd):
         waiting = self._scheduler.waiting
         with self._lock:
             if paused:
-                joining = (
-                    []
-                    if self._stopping
-                    else self._scheduler.next_batch(limits.max_batch_size, limits.max_batch_tokens, join=True)
-                )
+                joining = self._joiners()
                 self._scheduler.start(joining, time.monotonic())
                 self._publish_positions()
                 return paused + [self._row(item) for item in joining]
@@ -304,14 +300,16 @@ class InferenceEngine(EngineFrontEnd):
             if next(steps) % interval:
                 return False
             with self._lock:
-                if self._stopping:
-                    return False
-                limits = self._limits
-                return bool(
-                    self._scheduler.next_batch(limits.max_batch_size, limits.max_batch_tokens, join=True)
-                )
+                return bool(self._joiners())
 
         return due
+
+    def _joiners(self) -> list[ScheduledRequest]:
+        """The waiting requests that may join the running batch now; called with `_lock` held."""
+        if self._stopping:
+            return []
+        limits = self._limits
+        return self._scheduler.next_batch(limits.max_batch_size, limits.max_batch_tokens, join=True)
 
     def _execute(self, batch: list[_Row]) -> list[_Outcome]:
         try:
