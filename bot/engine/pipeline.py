@@ -4,10 +4,12 @@ For each request: chat template → vision info → processor → generate → t
 as the reference notebook does it, with left padding so several conversations run through one `generate` call.
 Images and videos must be local files: nothing here downloads anything.
 
-A batch may pause after any decode step so that other requests can join it (the worker's continuous batching).
-A paused request resumes in a later call from its answer so far: its prompt is read again with those ids
-appended, through the same `generate` path, so 3D rope positions, padding and masks are the model's own and a
-greedy answer continues exactly where it left off; the vision cache spares the encoder.
+Each request goes through the processor on its own; a batch is its rows' inputs left-padded and joined, as
+the processor would batch them. A batch may pause after any decode step so that other requests can join it
+(the worker's continuous batching). A paused request resumes in a later call from its answer so far: its
+processed prompt (kept, so the processor does not run again) is read again with those ids appended, through
+the same `generate` path, so 3D rope positions, padding and masks are the model's own and a greedy answer
+continues exactly where it left off; the vision cache spares the encoder.
 """
 
 from __future__ import annotations
@@ -35,7 +37,8 @@ _IMAGE_SETTINGS = ("min_pixels", "max_pixels", "resized_height", "resized_width"
 _RESUMABLE_OPTIONS = frozenset(
     {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty"}
 )
-# The processor's outputs with one value per token: ids, mask, and the token types (0: text).
+# The processor's outputs with one value per token: ids, mask, and the token types (0: text); the others
+# hold rows per image or video.
 _PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
 
 
@@ -49,9 +52,20 @@ class _RowText:
 
 
 @dataclass
-class AnswerSoFar:
-    """A request's generated ids, kept while its batch is paused, and how much of them was streamed."""
+class _RowInputs:
+    """One request's processor output as a batch row: per-token tensors unpadded, the rest per image/video."""
 
+    prompt_text: str
+    per_token: dict[str, torch.Tensor]  # `_PER_TOKEN` present, each one-dimensional
+    per_media: dict[str, torch.Tensor]  # pixel values, grids, ...: one or more rows per image or video
+    image_keys: list[str] | None  # one vision-cache key per image; None when the pipeline has no cache
+
+
+@dataclass
+class AnswerSoFar:
+    """A paused request's processed prompt and generated ids, and how much of them was streamed."""
+
+    inputs: _RowInputs
     ids: list[int] = field(default_factory=list)
     stream: _RowText = field(default_factory=_RowText)
 
@@ -125,14 +139,16 @@ class Pipeline:
 
     def prepare(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> PreparedBatch:
         """Template, vision info and processor for a batch, as the seed does it, with left padding."""
-        conversations = [self._with_pixel_limits(request.messages, pixel_scale) for request in requests]
-        texts = [
-            self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            for messages in conversations
-        ]
-        images = self._image_identities(conversations) if self.vision_cache is not None else None
+        rows = [self._row_inputs(request, pixel_scale) for request in requests]
+        return self._batch(rows, [[] for _ in rows])
+
+    def _row_inputs(self, request: PipelineRequest, pixel_scale: float) -> _RowInputs:
+        """Template, vision info and processor for one request, as the seed does it."""
+        conversation = self._with_pixel_limits(request.messages, pixel_scale)
+        text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        images = self._image_identities([conversation]) if self.vision_cache is not None else None
         image_inputs, videos, video_kwargs = process_vision_info(
-            conversations, return_video_kwargs=True, return_video_metadata=True
+            [conversation], return_video_kwargs=True, return_video_metadata=True
         )
         video_inputs = None
         processor_kwargs: dict[str, Any] = {}
@@ -143,17 +159,41 @@ class Pipeline:
                 "video_metadata": [metadata for _, metadata in videos],
                 "cap_pixels_per_frame": True,  # qwen-vl-utils already capped each frame
             }
-        self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(
-            text=texts,
+            text=[text],
             images=image_inputs,
             videos=video_inputs,
             padding=True,
             return_tensors="pt",
             **processor_kwargs,
         )
-        image_keys = None if images is None else self._image_keys(images, inputs)
-        return PreparedBatch(inputs=inputs, prompt_texts=texts, image_keys=image_keys)
+        return _RowInputs(
+            prompt_text=text,
+            per_token={key: inputs[key][0] for key in _PER_TOKEN if key in inputs},
+            per_media={key: value for key, value in inputs.items() if key not in _PER_TOKEN},
+            image_keys=None if images is None else self._image_keys(images, inputs),
+        )
+
+    def _batch(self, rows: list[_RowInputs], answers: list[list[int]]) -> PreparedBatch:
+        """The rows as one left-padded batch, as the processor pads one, each prompt followed by its answer so
+        far: `input_ids` grows by the ids, `attention_mask` by ones, the token types by zeros (text)."""
+        width = max(
+            len(row.per_token["input_ids"]) + len(answer) for row, answer in zip(rows, answers, strict=True)
+        )
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0].per_token:
+            padded = []
+            for row, answer in zip(rows, answers, strict=True):
+                values = row.per_token[key]
+                tail = answer if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(answer)
+                fill = self._pad_id if key == "input_ids" else 0
+                pad = [fill] * (width - len(values) - len(tail))
+                padded.append(torch.cat([values.new_tensor(pad), values, values.new_tensor(tail)]))
+            batch[key] = torch.stack(padded)
+        for key in dict.fromkeys(key for row in rows for key in row.per_media):
+            batch[key] = torch.cat([row.per_media[key] for row in rows if key in row.per_media])
+        keys = None if self.vision_cache is None else [key for row in rows for key in row.image_keys or []]
+        return PreparedBatch(BatchFeature(batch), [row.prompt_text for row in rows], keys)
 
     def run_batch(
         self,
@@ -166,8 +206,8 @@ class Pipeline:
 
         `pause` is asked after every decode step: True ends the call there, and the rows that had not finished
         come back with a `resume` state; passed in again as their requests' `resume` (with other requests,
-        possibly), they go on where they left off. It is not asked when the options cannot resume
-        (`_RESUMABLE_OPTIONS`, and a `max_new_tokens`).
+        possibly), they go on where they left off, with the pixels of their first call. It is not asked when
+        the options cannot resume (`_RESUMABLE_OPTIONS`, and a `max_new_tokens`).
         """
         if not requests:
             return []
@@ -175,15 +215,16 @@ class Pipeline:
             raise ValueError("requests in one batch must share the same generate_kwargs")
         generate_kwargs = {k: v for k, v in requests[0].generate_kwargs.items() if v is not None}
         budget = self._pausable_budget(generate_kwargs)
-        answers = [request.resume or AnswerSoFar() for request in requests]
+        answers = [
+            request.resume or AnswerSoFar(self._row_inputs(request, pixel_scale)) for request in requests
+        ]
         done_so_far = [len(answer.ids) for answer in answers]
         if budget is None and any(done_so_far):
             raise ValueError("only requests whose options can pause resume from an answer so far")
-        prepared = self.prepare(requests, pixel_scale=pixel_scale)
+        prepared = self._batch([answer.inputs for answer in answers], [answer.ids for answer in answers])
         vision_cache = self._vision_cache(prepared.image_keys)
-        prompt_lengths = prepared.inputs["attention_mask"].sum(dim=1).tolist()
-        inputs = _extended(prepared.inputs, [answer.ids for answer in answers], self._pad_id)
-        inputs = inputs.to(self.model.device)
+        prompt_lengths = [len(answer.inputs.per_token["input_ids"]) for answer in answers]
+        inputs = prepared.inputs.to(self.model.device)
         remaining = None if budget is None else [budget - done for done in done_so_far]
         if remaining is not None:
             generate_kwargs["max_new_tokens"] = max(remaining)
@@ -315,29 +356,6 @@ class Pipeline:
             part["max_pixels"] = max_pixels
         part.setdefault("min_pixels", min(min_pixels, part["max_pixels"]))
         return part
-
-
-def _extended(inputs: BatchFeature, answers: list[list[int]], pad_id: int) -> BatchFeature:
-    """`inputs` with each row's answer so far appended to its prompt, left-padded again.
-
-    Every per-token tensor grows: `input_ids` by the ids, `attention_mask` by ones, the token types by zeros
-    (text). Nothing changes when no row has an answer so far.
-    """
-    if not any(answers):
-        return inputs
-    mask = inputs["attention_mask"].bool()
-    width = max(int(row.sum()) + len(answer) for row, answer in zip(mask, answers, strict=True))
-    per_token = [key for key in _PER_TOKEN if key in inputs]
-    extended = {key: value for key, value in inputs.items() if key not in per_token}
-    for key in per_token:
-        rows = []
-        for row, keep, answer in zip(inputs[key], mask, answers, strict=True):
-            tail = answer if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(answer)
-            values = row[keep].tolist() + tail
-            padding = pad_id if key == "input_ids" else 0
-            rows.append([padding] * (width - len(values)) + values)
-        extended[key] = torch.tensor(rows, dtype=inputs[key].dtype)
-    return BatchFeature(extended)
 
 
 class _RowLimits(StoppingCriteria):
