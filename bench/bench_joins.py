@@ -13,10 +13,11 @@ between scenarios, as discord.py allows one API base per process. In every round
               question at a time there is nothing to join).
 
 Every question carries its own photo-like JPEG, new in every round; both engines get the same pixels in
-files that differ by a JPEG comment, so the vision cache never carries over and their answers compare. Per question: seconds from its message to the first bot message showing answer text, and to
-the final answer; per scenario their mean and worst, and "all done": from the first message to the last final
-answer, as a ratio to one by one (goal for the burst: <= 0.30). Medians over the rounds after a warm-up. The
-greedy answers with and without joins must be equal, which is printed.
+files that differ by a JPEG comment, so the vision cache never carries over and their answers compare.
+Per question: seconds from its message to the first bot message showing answer text, and to the final
+answer; per scenario their mean and worst, and "all done": from the first message to the last final answer,
+as a ratio to one by one (goal for the burst: <= 0.30). Medians over the rounds after a warm-up. The greedy
+answers with and without joins must be equal, which is printed.
 
     python bench/bench_joins.py [--rounds 3] [--max-new-tokens 512] [--gap-ms 300] [--model DIR --device cuda]
 """
@@ -88,9 +89,9 @@ class Loopback:
     async def ask_all(
         self, photos: Sequence[bytes], gap: float | None
     ) -> tuple[list[tuple[float, float]], float, list[str]]:
-        """Ask the benchmark's questions, each with its photo in a new channel, `gap` seconds apart (None: each
-        after the previous final answer): each one's timings, the span from the first message to the last
-        final answer, and the answers."""
+        """Ask the benchmark's questions, each with its photo in a new channel, `gap` seconds apart (None:
+        each after the previous final answer): each one's timings, the span from the first message to the
+        last final answer, and the answers."""
         channels, self.channels = self.channels[: len(photos)], self.channels[len(photos) :]
         attachments = []
         for channel, data in zip(channels, photos, strict=True):
