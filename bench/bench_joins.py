@@ -19,7 +19,7 @@ answer; per scenario their mean and worst, and "all done": from the first messag
 as a ratio to one by one (goal for the burst: <= 0.30). Medians over the rounds after a warm-up. The greedy
 answers with and without joins must be equal, which is printed.
 
-    python bench/bench_joins.py [--rounds 3] [--max-new-tokens 512] [--gap-ms 300] [--model DIR --device cuda]
+    python bench/bench_joins.py [--rounds 3] [--max-new-tokens 256] [--gap-ms 300] [--model DIR --device cuda]
 """
 
 from __future__ import annotations
@@ -221,7 +221,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add_model_args(parser)
-    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--gap-ms", type=float, default=300.0, help="between staggered questions")
     parser.add_argument(
         "--join-interval-steps",
