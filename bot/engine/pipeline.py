@@ -243,29 +243,20 @@ class Pipeline:
         with torch.inference_mode(), vision_cache:
             generated = self.model.generate(**inputs, **generate_kwargs)
         prompt_width = inputs["input_ids"].shape[1]
-        outputs = []
+        finished = []
         for index, (answer, row) in enumerate(zip(answers, generated, strict=True)):
             new_ids, ended = self._answer_ids(row[prompt_width:].tolist())
             answer.ids.extend(new_ids)
-            finished = ended or limits.ended[index] or not limits.paused
-            if finished and streamer is not None:
+            finished.append(ended or limits.ended[index] or not limits.paused)
+            if finished[index] and streamer is not None:
                 streamer.finish(index)
-            outputs.append(
-                PipelineOutput(
-                    text="",
-                    token_ids=list(answer.ids),
-                    prompt_tokens=int(prompt_lengths[index]),
-                    resume=None if finished else answer,
-                )
-            )
         texts = self.processor.batch_decode(
-            [output.token_ids for output in outputs],
-            skip_special_tokens=True,
-            clean_up_tokenization_spaces=False,
+            [answer.ids for answer in answers], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-        for output, text in zip(outputs, texts, strict=True):
-            output.text = text
-        return outputs
+        return [
+            PipelineOutput(text, list(answer.ids), length, resume=None if done else answer)
+            for text, answer, length, done in zip(texts, answers, prompt_lengths, finished, strict=True)
+        ]
 
     def _pausable_budget(self, generate_kwargs: Mapping[str, object]) -> int | None:
         """The new tokens a row may have in all, when these options can pause and resume; else None."""
