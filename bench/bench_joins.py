@@ -16,8 +16,10 @@ Every question carries its own photo-like JPEG, new in every round; both engines
 files that differ by a JPEG comment, so the vision cache never carries over and their answers compare.
 Per question: seconds from its message to the first bot message showing answer text, and to the final
 answer; per scenario their mean and worst, and "all done": from the first message to the last final answer,
-as a ratio to one by one (goal for the burst: <= 0.30). Medians over the rounds after a warm-up. The greedy
-answers with and without joins must be equal, which is printed.
+as a ratio to one by one (goal for the burst: <= 0.30). Alongside, the floor the burst can reach: bare
+`Pipeline.run_batch` on a second copy of the model, no Discord, the one-by-one questions all at once vs one
+after another. Medians over the rounds after a warm-up. The greedy answers with and without joins must be
+equal, which is printed.
 
     python bench/bench_joins.py [--rounds 3] [--max-new-tokens 256] [--gap-ms 300] [--model DIR --device cuda]
 """
@@ -48,6 +50,8 @@ from _common import (
 )
 from tqdm import tqdm
 
+from bot.engine.loader import load_model
+from bot.engine.pipeline import Pipeline, PipelineRequest
 from bot.settings import EngineSettings, Settings
 
 QUESTIONS = 8
@@ -119,6 +123,33 @@ class Loopback:
         return timings, span, [answers[str(channel)] for channel in channels]
 
 
+def bare_generate(pipeline: Pipeline, settings: Settings, images: Sequence[Path]) -> tuple[float, float]:
+    """Seconds for bare `run_batch` to answer the questions about `images` all at once, and one by one."""
+    requests = [
+        PipelineRequest(
+            [
+                {"role": "system", "content": settings.generation.system_prompt},
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image", "image": str(image)},
+                        {"type": "text", "text": question(n)},
+                    ],
+                },
+            ],
+            settings.generation.generate_kwargs(),
+        )
+        for n, image in enumerate(images)
+    ]
+    started = time.perf_counter()
+    pipeline.run_batch(requests)
+    batched = time.perf_counter() - started
+    started = time.perf_counter()
+    for request in requests:
+        pipeline.run_batch([request])
+    return batched, time.perf_counter() - started
+
+
 async def run(args: argparse.Namespace) -> None:
     setup = configure_torch(args)
     rounds = args.rounds + 1
@@ -128,6 +159,7 @@ async def run(args: argparse.Namespace) -> None:
     channel_names = [f"c{index}" for index in range(rounds * (len(ENGINES) * len(SCENARIOS) + 1) * QUESTIONS)]
     timings = {(engine, scenario): Timings() for engine in ENGINES for scenario in SCENARIOS}
     one_by_one = Timings()
+    bare: list[tuple[float, float]] = []
     same_answers = True
     with model_directory(args) as model_dir, tempfile.TemporaryDirectory(prefix="bench-joins-") as folder:
 
@@ -146,6 +178,11 @@ async def run(args: argparse.Namespace) -> None:
 
         async with discord_bot(settings_for, channel_names) as (fake, bot, user, channels):
             loopback = Loopback(fake, bot, user, channels)
+            vision = bot.settings.vision
+            loaded = load_model(bot.settings.model)
+            pipeline = Pipeline(
+                loaded.model, loaded.processor, min_pixels=vision.min_pixels, max_pixels=vision.max_pixels
+            )
             steps = {"joins": args.join_interval_steps, "no joins": 0}
             for round_index in tqdm(range(args.rounds + 1), desc="rounds (first is warm-up)", unit="round"):
                 order = ENGINES if round_index % 2 == 0 else ENGINES[::-1]
@@ -163,9 +200,14 @@ async def run(args: argparse.Namespace) -> None:
                     same_answers = same_answers and answers["joins"] == answers["no joins"]
                 batch = [next(photos) for _ in range(QUESTIONS)]
                 per_question, span, _ = await loopback.ask_all(batch, None)
+                images = [Path(folder, f"bare-{round_index}-{n}.jpg") for n in range(QUESTIONS)]
+                for image, data in zip(images, batch, strict=True):
+                    image.write_bytes(data)
+                floor = await asyncio.to_thread(bare_generate, pipeline, bot.settings, images)
                 if round_index:
                     one_by_one.questions.append(per_question)
                     one_by_one.all_done.append(span)
+                    bare.append(floor)
             batch_sizes = dict(sorted(bot.service._engine.stats.batch_sizes.items()))
 
     sequential = statistics.median(one_by_one.all_done)
@@ -199,6 +241,11 @@ async def run(args: argparse.Namespace) -> None:
     )
     print(f"same answers with and without joins: {'yes' if same_answers else 'NO'}")
     burst = statistics.median(timings[("joins", "burst")].all_done) / sequential
+    batched, alone = (statistics.median(values) for values in zip(*bare, strict=True))
+    print(
+        f"bare run_batch, no Discord: all at once {batched:.2f} s vs one by one {alone:.2f} s: "
+        f"{batched / alone:.2f} (the floor)"
+    )
     print(f"burst / one by one, with joins: {burst:.2f} (goal <= 0.30)")
 
 
