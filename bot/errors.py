@@ -12,6 +12,7 @@ BotError                      base; `user_message` is safe to show on Discord
 │   ├── CorruptMedia          looks like an image but does not decode
 │   ├── Unreachable           404/403/410, connection refused, DNS
 │   └── DownloadTimeout       the host was too slow, after retries
+├── AnswerStopped              the asker pressed Stop before any text was written
 ├── InputError                the question itself cannot be answered
 │   ├── EmptyQuestion
 │   ├── TooManyImages
@@ -29,7 +30,7 @@ BotError                      base; `user_message` is safe to show on Discord
 │       ├── ContextTooLong       the server says the prompt exceeds the model's context
 │       ├── ServerRejected       any other 4xx (bad key, unknown model, invalid request)
 │       └── AnswerIncomplete     the stream broke after some text was shown; carries that text
-└── StoreError                the database failed
+└── StoreError                the database failed; `transient` when a retry may succeed (locked, busy, lost)
 """
 
 from __future__ import annotations
@@ -110,6 +111,12 @@ class Unreachable(MediaError):
 
 class DownloadTimeout(MediaError):
     user_message = "Downloading that attachment took too long. Please try again or send a smaller file."
+
+
+class AnswerStopped(BotError):
+    """The asker (or a moderator) stopped the answer before the model wrote anything; nothing is stored."""
+
+    user_message = "⏹️ Stopped before I started answering."
 
 
 class InputError(BotError):
@@ -232,6 +239,10 @@ class AnswerIncomplete(ServerError):
 
 class StoreError(BotError):
     user_message = "I couldn't save our conversation, so I didn't answer. Please try again in a moment."
+
+    def __init__(self, detail: str = "", *, transient: bool = False) -> None:
+        super().__init__(detail)
+        self.transient = transient  # the database was locked, busy or unreachable: a retry may succeed
 
 
 def format_bytes(count: int) -> str:

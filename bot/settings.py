@@ -40,6 +40,20 @@ class DiscordSettings(_Section):
     sync_commands_on_start: bool = True
     stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
     answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
+    shard_count: int | None = Field(default=None, ge=1)  # None: Discord's recommendation (GET /gateway/bot)
+    shard_ids: list[int] | None = None  # the shards this process runs; None: all of them
+
+    @model_validator(mode="after")
+    def _shards_in_range(self) -> DiscordSettings:
+        if self.shard_ids is None:
+            return self
+        if self.shard_count is None:
+            raise ValueError("shard_ids needs shard_count: the total number of shards over all processes")
+        if not self.shard_ids or len(set(self.shard_ids)) != len(self.shard_ids):
+            raise ValueError("shard_ids must list each of this process's shards once")
+        if not all(0 <= shard < self.shard_count for shard in self.shard_ids):
+            raise ValueError(f"shard_ids must be between 0 and shard_count - 1 ({self.shard_count - 1})")
+        return self
 
 
 class LimitSettings(_Section):
@@ -119,6 +133,8 @@ class StorageSettings(_Section):
     database_url: str | None = None  # None: sqlite file `<data_dir>/bot.sqlite3`
     media_dir: Path | None = None  # None: `<data_dir>/media`
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # A turn the database refused for a passing reason (locked, busy, connection lost) is retried this long.
+    write_retry_seconds: float = Field(default=30.0, ge=0)
 
     @property
     def resolved_database_url(self) -> str:

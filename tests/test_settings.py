@@ -40,6 +40,20 @@ def test_wrong_value_names_key_and_expectation() -> None:
         parse_settings({"model": {"dtype": "float8"}})
 
 
+@pytest.mark.parametrize(
+    ("shards", "expected"),
+    [
+        ({"shard_ids": [0]}, "shard_ids needs shard_count"),
+        ({"shard_count": 2, "shard_ids": [1, 1]}, "each of this process's shards once"),
+        ({"shard_count": 2, "shard_ids": [2]}, r"between 0 and shard_count - 1 \(1\)"),
+    ],
+)
+def test_shard_ids_must_fit_the_shard_count(shards: dict[str, object], expected: str) -> None:
+    with pytest.raises(ConfigError, match=expected):
+        parse_settings({"discord": shards})
+    assert parse_settings({"discord": {"shard_count": 4, "shard_ids": [3, 1]}}).discord.shard_ids == [3, 1]
+
+
 def test_min_pixels_above_max_pixels_is_refused() -> None:
     with pytest.raises(ConfigError, match="min_pixels must not be greater than max_pixels"):
         parse_settings({"vision": {"min_pixels": 2_000_000, "max_pixels": 1_000_000}})

@@ -25,6 +25,7 @@ from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
 from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
+from bot.discord.stopping import RunningAnswers, StopButton
 from bot.errors import ConfigError, DiscordUnreachable
 from bot.health import Readiness
 from bot.metrics import Metrics
@@ -67,10 +68,12 @@ def use_gateway(gateway_url: str) -> None:
     DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(gateway_url)
 
 
-class VisionBot(discord.Client):
+class VisionBot(discord.AutoShardedClient):
     """The bot: answers mentions, replies, bot threads and DMs, plus the slash commands.
 
-    `metrics` counts Discord's HTTP error responses (429s included) through discord.py's `http_trace`.
+    It runs the shards `discord.shard_ids` names (all of them by default) of `discord.shard_count` (Discord's
+    recommendation by default); other processes may run the rest, on the same database. `metrics` counts
+    Discord's HTTP error responses (429s included) through discord.py's `http_trace`.
     """
 
     def __init__(
@@ -82,9 +85,17 @@ class VisionBot(discord.Client):
         metrics: Metrics | None = None,
         **options: Any,
     ) -> None:
+        if settings.shard_ids is not None:
+            options["shard_ids"] = settings.shard_ids
         trace = (metrics or Metrics()).discord_http_trace()
-        super().__init__(intents=bot_intents(), allowed_mentions=SAFE_MENTIONS, http_trace=trace, **options)
-        self._gateway_connected = False  # between a session's start (or resume) and a disconnect
+        super().__init__(
+            intents=bot_intents(),
+            allowed_mentions=SAFE_MENTIONS,
+            shard_count=settings.shard_count,
+            http_trace=trace,
+            **options,
+        )
+        self._disconnected_shards: set[int] = set()  # from a disconnect to the reconnect or resume
         self._settings = settings
         self._service = service
         self.tree = GuardedCommandTree(self)
@@ -93,7 +104,8 @@ class VisionBot(discord.Client):
         self.deliveries = DeliveryTracker()
         self._access = AccessPolicy(self, settings)
         self._limits = UserLimits(limits)
-        self._messages = MessageHandler(self, service, settings, self.deliveries, self._access, self._limits)
+        self._running_answers = RunningAnswers()
+        self._messages = MessageHandler(self, self)
 
     @property
     def service(self) -> AnswerService:
@@ -115,17 +127,36 @@ class VisionBot(discord.Client):
         """The per-user limits, applied to messages and commands alike."""
         return self._limits
 
+    @property
+    def running_answers(self) -> RunningAnswers:
+        """The answers in progress that a Stop button can end."""
+        return self._running_answers
+
     async def login(self, token: str) -> None:
-        """Log in at the configured REST base URL; pick the gateway (configured, or `GET /gateway/bot`)."""
+        """Log in at the configured REST base URL; pick the gateway and the shard count (each configured, or
+        from `GET /gateway/bot`)."""
         use_api_base(self._settings.api_base_url)
         await super().login(token)
         gateway_url = self._settings.gateway_url
-        if gateway_url is None:
-            _shards, gateway_url, _limits = await self.http.get_bot_gateway()
-        use_gateway(gateway_url)
-        log.info("logged in as %s (id %s); gateway %s", self.user, self.user and self.user.id, gateway_url)
+        if gateway_url is None or self.shard_count is None:
+            recommended_shards, advertised_url, _limits = await self.http.get_bot_gateway()
+            gateway_url = gateway_url or advertised_url
+            self.shard_count = self.shard_count or recommended_shards
+        use_gateway(gateway_url)  # AutoShardedClient connects there once shard_count is known
+        shards = self.shard_ids or range(self.shard_count)
+        log.info(
+            "logged in as %s (id %s); gateway %s; shards %s of %d",
+            self.user,
+            self.user and self.user.id,
+            gateway_url,
+            ", ".join(map(str, shards)),
+            self.shard_count,
+        )
 
     async def setup_hook(self) -> None:
+        self.add_dynamic_items(
+            StopButton
+        )  # Stop presses reach their answer, also on messages sent before a restart
         if not self._settings.sync_commands_on_start:
             return
         try:
@@ -141,21 +172,22 @@ class VisionBot(discord.Client):
             return "the Discord connection is closed"
         if not self.is_ready():
             return "not connected to the Discord gateway yet"
-        if not self._gateway_connected:
-            return "disconnected from the Discord gateway; reconnecting"
+        if self._disconnected_shards:
+            shards = ", ".join(map(str, sorted(self._disconnected_shards)))
+            return f"disconnected from the Discord gateway (shard {shards}); reconnecting"
         return None
 
-    async def on_connect(self) -> None:
-        self._gateway_connected = True
+    async def on_shard_connect(self, shard_id: int) -> None:
+        self._disconnected_shards.discard(shard_id)
 
-    async def on_resumed(self) -> None:
-        self._gateway_connected = True
+    async def on_shard_resumed(self, shard_id: int) -> None:
+        self._disconnected_shards.discard(shard_id)
 
-    async def on_disconnect(self) -> None:
-        self._gateway_connected = False
+    async def on_shard_disconnect(self, shard_id: int) -> None:
+        self._disconnected_shards.add(shard_id)
 
     async def on_ready(self) -> None:
-        log.info("connected to Discord; in %d guilds", len(self.guilds))
+        log.info("connected to Discord; in %d guilds on this process's shards", len(self.guilds))
 
     async def on_message(self, message: discord.Message) -> None:
         await self._messages.handle(message)

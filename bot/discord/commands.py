@@ -11,45 +11,24 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
-from typing import Protocol, cast
+from typing import cast
 
 import discord
 from discord import app_commands
 
-from bot.answering import DEFAULT_IMAGE_QUESTION, AnswerService, Question
+from bot.answering import DEFAULT_IMAGE_QUESTION, Question
 from bot.content import ConversationScope
-from bot.discord.access import AccessPolicy, role_ids_of
-from bot.discord.delivery import GENERIC_FAILURE, DeliveryTracker, deliver, thread_origin
-from bot.discord.limits import UserLimits
+from bot.discord.access import role_ids_of
+from bot.discord.delivery import GENERIC_FAILURE, Serving, deliver, thread_origin
 from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
 from bot.discord.triggers import attachment_refs, scope_of
 from bot.errors import BotError, UserLimited
-from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.commands")
 
 NOT_ALLOWED_HERE = "I'm not set up to answer here."
 NO_ATTACHMENTS = "That message has no attachments I could look at."
 ASK_ABOUT_IMAGE = "Ask about this image"
-
-
-class Serving(Protocol):
-    """What commands need from the client that received the interaction."""
-
-    @property
-    def service(self) -> AnswerService: ...
-
-    @property
-    def discord_settings(self) -> DiscordSettings: ...
-
-    @property
-    def access(self) -> AccessPolicy: ...
-
-    @property
-    def deliveries(self) -> DeliveryTracker: ...
-
-    @property
-    def limits(self) -> UserLimits: ...
 
 
 class GuardedCommandTree(app_commands.CommandTree):
@@ -158,11 +137,10 @@ async def _deliver_answer(
             await _fail(interaction, message, ephemeral_deferral=False)
 
         await deliver(
-            bot.service,
+            bot,
             question,
             InteractionTarget(interaction, _messageable(interaction)),
-            settings=bot.discord_settings,
-            tracker=bot.deliveries,
+            asker_id=interaction.user.id,
             present_error=present_error,
         )
 

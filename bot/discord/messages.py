@@ -14,10 +14,9 @@ from dataclasses import replace
 
 import discord
 
-from bot.answering import AnswerService, Question
-from bot.discord.access import AccessPolicy, role_ids_of
-from bot.discord.delivery import DeliveryTracker, deliver, thread_origin
-from bot.discord.limits import UserLimits
+from bot.answering import Question
+from bot.discord.access import role_ids_of
+from bot.discord.delivery import Serving, deliver, thread_origin
 from bot.discord.replies import ChannelTarget
 from bot.discord.triggers import (
     attachment_refs,
@@ -28,7 +27,6 @@ from bot.discord.triggers import (
     trigger_of,
 )
 from bot.errors import InputError, UserLimited
-from bot.settings import DiscordSettings
 
 log = logging.getLogger("bot.discord.messages")
 
@@ -42,21 +40,11 @@ _ANSWERED_TYPES = (discord.MessageType.default, discord.MessageType.reply)
 class MessageHandler:
     """Turns the client's `on_message` events into answered questions."""
 
-    def __init__(
-        self,
-        client: discord.Client,
-        service: AnswerService,
-        settings: DiscordSettings,
-        deliveries: DeliveryTracker,
-        access: AccessPolicy,
-        limits: UserLimits,
-    ) -> None:
+    def __init__(self, client: discord.Client, bot: Serving) -> None:
         self._client = client
-        self._service = service
-        self._settings = settings
-        self._deliveries = deliveries
-        self._access = access
-        self._limits = limits
+        self._bot = bot
+        self._service = bot.service
+        self._settings = bot.discord_settings
         self._warned_empty_content = False
         self._starter_by_bot: OrderedDict[int, bool] = OrderedDict()  # thread id -> started from our message
 
@@ -73,7 +61,7 @@ class MessageHandler:
             return
         guild_id = guild_id_of(message)
         channel = await self._resolve_channel(message, guild_id)
-        if not await self._access.allows(
+        if not await self._bot.access.allows(
             user=message.author,
             guild_id=guild_id,
             channel=channel,
@@ -106,7 +94,7 @@ class MessageHandler:
         )
         with contextlib.ExitStack() as admitted:
             try:
-                admitted.enter_context(self._limits.admit(message.author.id, role_ids_of(message.author)))
+                admitted.enter_context(self._bot.limits.admit(message.author.id, role_ids_of(message.author)))
             except UserLimited as refusal:
                 await self._tell_limited(message, refusal)
                 return
@@ -130,11 +118,10 @@ class MessageHandler:
                 scope = question.scope
         log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
         await deliver(
-            self._service,
+            self._bot,
             question,
             ChannelTarget(reply_channel, reference),
-            settings=self._settings,
-            tracker=self._deliveries,
+            asker_id=message.author.id,
             typing_in=reply_channel,
         )
 

@@ -18,7 +18,7 @@ import io
 import logging
 from datetime import timedelta
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 import discord
 
@@ -51,15 +51,30 @@ def queue_text(ahead: int) -> str:
     return f"⏳ {ahead} {noun} ahead of yours…"
 
 
+# An edit's `view` that leaves the message's components as they are (None removes them).
+KEEP_VIEW: Any = discord.utils.MISSING
+
+
 class ReplyTarget(Protocol):
-    """Where an answer's messages go; `file` is attached to the message (replacing its attachments)."""
+    """Where an answer's messages go; `file` is attached to a message (replacing its attachments) and `view`
+    gives it components (the first message's Stop button)."""
 
     async def send(
-        self, content: str, *, first: bool, file: discord.File | None = None
+        self,
+        content: str,
+        *,
+        first: bool,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = None,
     ) -> discord.Message: ...
 
     async def edit(
-        self, message: discord.Message, content: str, *, file: discord.File | None = None
+        self,
+        message: discord.Message,
+        content: str,
+        *,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = KEEP_VIEW,
     ) -> None: ...
 
     async def delete(self, message: discord.Message) -> None: ...
@@ -72,15 +87,29 @@ class ChannelTarget:
         self._channel = channel
         self._reference = reference
 
-    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> discord.Message:
+    async def send(
+        self,
+        content: str,
+        *,
+        first: bool,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = None,
+    ) -> discord.Message:
         files = _attachments(file)
         if first and self._reference is not None:
             reference = self._reference.to_reference(fail_if_not_exists=False)
-            return await self._channel.send(content, reference=reference, files=files)
-        return await self._channel.send(content, files=files)
+            return await self._channel.send(content, reference=reference, files=files, view=_sent(view))
+        return await self._channel.send(content, files=files, view=_sent(view))
 
-    async def edit(self, message: discord.Message, content: str, *, file: discord.File | None = None) -> None:
-        await message.edit(content=content, attachments=_attachments(file))
+    async def edit(
+        self,
+        message: discord.Message,
+        content: str,
+        *,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = KEEP_VIEW,
+    ) -> None:
+        await message.edit(content=content, attachments=_attachments(file), view=view)
 
     async def delete(self, message: discord.Message) -> None:
         await message.delete()
@@ -101,24 +130,40 @@ class InteractionTarget:
     def _token_usable(self) -> bool:
         return self._channel is None or token_usable(self._interaction)
 
-    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> discord.Message:
+    async def send(
+        self,
+        content: str,
+        *,
+        first: bool,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = None,
+    ) -> discord.Message:
         if self._token_usable():
             if first:
                 message = await self._interaction.edit_original_response(
-                    content=content, attachments=_attachments(file)
+                    content=content, attachments=_attachments(file), view=view
                 )
                 self._original_id = message.id
                 return message
-            return await self._interaction.followup.send(content, files=_attachments(file), wait=True)
+            return await self._interaction.followup.send(
+                content, files=_attachments(file), view=_sent(view), wait=True
+            )
         assert self._channel is not None
         log.info("interaction %s expired; answering with a normal message", self._interaction.id)
-        return await self._channel.send(content, files=_attachments(file))
+        return await self._channel.send(content, files=_attachments(file), view=_sent(view))
 
-    async def edit(self, message: discord.Message, content: str, *, file: discord.File | None = None) -> None:
+    async def edit(
+        self,
+        message: discord.Message,
+        content: str,
+        *,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = KEEP_VIEW,
+    ) -> None:
         if self._token_usable():
-            await message.edit(content=content, attachments=_attachments(file))
+            await message.edit(content=content, attachments=_attachments(file), view=view)
         else:
-            await self._partial(message).edit(content=content, attachments=_attachments(file))
+            await self._partial(message).edit(content=content, attachments=_attachments(file), view=view)
 
     async def delete(self, message: discord.Message) -> None:
         if message.id == self._original_id and self._token_usable():
@@ -134,6 +179,11 @@ class InteractionTarget:
         return channel.get_partial_message(message.id)
 
 
+def _sent(view: discord.ui.View | None) -> discord.ui.View:
+    """A send's `view`: the components, or nothing (discord.py's sends take no None)."""
+    return view if view is not None else discord.utils.MISSING
+
+
 def _attachments(file: discord.File | None) -> list[discord.File]:
     """`attachments`/`files` for an edit or send: `[file]`, or nothing (an edit keeps the attachments)."""
     return [file] if file is not None else discord.utils.MISSING
@@ -143,13 +193,23 @@ class StreamingReply:
     """Renders one answer as it streams; use as `async with`, feed the callbacks, then `finish(text)`.
 
     An answer longer than `max_messages` messages (or with a code block too long for one) shows as a
-    preview, and its final round attaches the whole text as `answer.md` (see `layout_answer`).
+    preview, and its final round attaches the whole text as `answer.md` (see `layout_answer`). `controls`
+    (the Stop button) show on the first message until the final round.
     """
 
-    def __init__(self, target: ReplyTarget, *, interval: float, max_messages: int) -> None:
+    def __init__(
+        self,
+        target: ReplyTarget,
+        *,
+        interval: float,
+        max_messages: int,
+        controls: discord.ui.View | None = None,
+    ) -> None:
         self._target = target
         self._interval = interval
         self._max_messages = max_messages
+        self._controls = controls
+        self._controls_shown = False
         self._text = ""
         self._status: str | None = None
         self._final = False
@@ -200,6 +260,16 @@ class StreamingReply:
         await self._pump_task
         return self.messages
 
+    async def amend(self, text: str) -> list[discord.Message]:
+        """After `finish`: show `text` as the whole reply instead, in one more round (e.g. with a note)."""
+        if self._pump_task is not None:
+            await self._pump_task
+        self._text = text
+        self._final = True
+        if not self._refused:
+            await self._render(final=True)
+        return self.messages
+
     def _poke(self) -> None:
         if self._pump_task is None:
             self._pump_task = asyncio.get_running_loop().create_task(self._pump())
@@ -230,12 +300,18 @@ class StreamingReply:
             for index, content in enumerate(wanted):
                 file = _answer_file(layout.file_text) if index == 0 else None
                 if index < len(self._messages):
-                    if self._shown[index] != content or file is not None:
-                        await self._target.edit(self._messages[index], content, file=file)
+                    remove_controls = index == 0 and final and self._controls_shown
+                    if self._shown[index] != content or file is not None or remove_controls:
+                        view = None if remove_controls else KEEP_VIEW
+                        await self._target.edit(self._messages[index], content, file=file, view=view)
                         self._shown[index] = content
+                        self._controls_shown = self._controls_shown and not remove_controls
                 else:
-                    self._messages.append(await self._target.send(content, first=index == 0, file=file))
+                    view = self._controls if index == 0 and not final else None
+                    message = await self._target.send(content, first=index == 0, file=file, view=view)
+                    self._messages.append(message)
                     self._shown.append(content)
+                    self._controls_shown = self._controls_shown or view is not None
             if final:
                 while len(self._messages) > len(wanted):
                     await self._target.delete(self._messages[-1])

@@ -27,6 +27,7 @@ from qwen_vl_utils import extract_vision_info, process_vision_info
 from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from bot.engine.images import image_for_model, is_model_size, release_memory
 from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_features
 
 _VISION_KEYS = ("image", "image_url", "video")
@@ -147,6 +148,7 @@ class Pipeline:
         conversation = self._with_pixel_limits(request.messages, pixel_scale)
         text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
         images = self._image_identities([conversation]) if self.vision_cache is not None else None
+        _decode_images(conversation)
         image_inputs, videos, video_kwargs = process_vision_info(
             [conversation], return_video_kwargs=True, return_video_metadata=True
         )
@@ -253,10 +255,15 @@ class Pipeline:
         texts = self.processor.batch_decode(
             [answer.ids for answer in answers], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-        return [
+        outputs = [
             PipelineOutput(text, list(answer.ids), length, resume=None if done else answer)
             for text, answer, length, done in zip(texts, answers, prompt_lengths, finished, strict=True)
         ]
+        ended_rows = [answer.inputs.per_media for answer, done in zip(answers, finished, strict=True) if done]
+        pixel_bytes = sum(_pixel_bytes(tensors) for tensors in [prepared.inputs, *ended_rows])
+        del prepared, inputs, generated, answers, ended_rows
+        release_memory(pixel_bytes)  # the batch's pixel values and those of the answers that ended are freed
+        return outputs
 
     def _pausable_budget(self, generate_kwargs: Mapping[str, object]) -> int | None:
         """The new tokens a row may have in all, when these options can pause and resume; else None."""
@@ -347,6 +354,30 @@ class Pipeline:
             part["max_pixels"] = max_pixels
         part.setdefault("min_pixels", min(min_pixels, part["max_pixels"]))
         return part
+
+
+def _decode_images(messages: list[dict]) -> None:
+    """Replace each image file in `messages` (copies made by `_with_pixel_limits`) by its pixels at the
+    model's size (`image_for_model`), which `process_vision_info` then keeps as they are: the same pixels its
+    own `fetch_image` would make from the file, at half the peak memory. An image whose size the resize rule
+    would change again (limits too close together) stays a file, for `fetch_image` to resize.
+    """
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, list):
+            continue
+        for index, part in enumerate(content):
+            if not isinstance(part.get("image"), str) or "resized_height" in part:
+                continue
+            limits = {"min_pixels": part["min_pixels"], "max_pixels": part["max_pixels"]}
+            image = image_for_model(part["image"], **limits)
+            if is_model_size(image, **limits):
+                content[index] = {**part, "image": image}
+
+
+def _pixel_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the pixel values (images' and videos') among `tensors`."""
+    return sum(value.nbytes for name, value in tensors.items() if name.startswith("pixel_values"))
 
 
 class _RowLimits(StoppingCriteria):

@@ -1,8 +1,8 @@
 """The store's synchronous work: one method per `ConversationStore` operation, each one transaction.
 
 Only the store's database thread calls this class. Writes that can race another process (get-or-create by a
-unique key, a question recorded twice) rely on the unique constraints and look the winner up after an
-`IntegrityError`.
+unique key, a question recorded twice, two questions taking the same next position) rely on the unique
+constraints: after an `IntegrityError` they look the winner up, or try the write again.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bot.content import ChatMessage, ConversationScope, MediaKind, Role, StoredMedia, TextPart
 from bot.media.storage import content_digest
+from bot.store.database import lock_wait
 from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
 from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
@@ -27,6 +28,7 @@ from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeRes
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 _CHUNK = 500  # ids per IN list, well under every database's bound-parameter limit
+_WRITE_ATTEMPTS = 5  # tries of a turn write that loses races to other processes
 
 
 class SyncStore:
@@ -88,25 +90,28 @@ class SyncStore:
             )
             return session.scalar(select(exists(query))) or False
 
-    def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
-        question, question_discord_id = turn.question, turn.question_discord_id
-        if question.role != "user":
-            raise ValueError(f"a turn's question must have the user role, not {question.role!r}")
-        try:
-            with self._sessions.begin() as session:
-                if question_discord_id is not None:
-                    existing = _recorded_turn(session, conversation_id, question_discord_id)
-                    if existing is not None:
-                        return existing
-                return self._insert_turn(session, conversation_id, turn)
-        except IntegrityError:
-            # The same question recorded concurrently by another process: report the stored turn.
-            if question_discord_id is not None:
-                with self._sessions() as session:
-                    existing = _recorded_turn(session, conversation_id, question_discord_id)
-                if existing is not None:
-                    return existing
-            raise
+    def record_turn(
+        self, conversation_id: int, turn: NewTurn, lock_wait_ms: int | None = None
+    ) -> RecordedTurn:
+        """One transaction; with `lock_wait_ms`, SQLite waits at most that long for another writer's lock."""
+        question_discord_id = turn.question_discord_id
+        if turn.question.role != "user":
+            raise ValueError(f"a turn's question must have the user role, not {turn.question.role!r}")
+        attempts_left = _WRITE_ATTEMPTS
+        while True:
+            try:
+                with self._sessions.begin() as session, lock_wait(session, lock_wait_ms):
+                    if question_discord_id is not None:
+                        existing = _recorded_turn(session, conversation_id, question_discord_id)
+                        if existing is not None:
+                            return existing
+                    return self._insert_turn(session, conversation_id, turn)
+            except IntegrityError:
+                # Another process committed first: the same question (found as a duplicate next time), another
+                # question at the same position, or the same new media row. The next attempt sees its rows.
+                attempts_left -= 1
+                if attempts_left == 0:
+                    raise
 
     def _insert_turn(
         self,

@@ -67,7 +67,7 @@ async def world(
             tiny_model_dir,
             tmp_path_factory.mktemp("bot-data"),
             fake,
-            {"answer_in_new_thread": True, "gateway_url": fake.gateway_url},
+            {"answer_in_new_thread": True, "gateway_url": fake.gateway_url, "shard_count": 1},
             engine={"max_batch_size": 1, "max_queue_size": 1},
             server=proxy,
             server_options={"max_in_flight": 1},
@@ -88,10 +88,10 @@ def _posts(world: World, channel_id: int) -> list[dict]:
     return [request.body for request in world.fake.requests_to("POST", path) if request.path.endswith(path)]
 
 
-async def test_a_configured_gateway_is_used_without_asking_discord(world: World) -> None:
+async def test_a_configured_gateway_and_shard_count_are_used_without_asking_discord(world: World) -> None:
     fake = world.fake
     assert world.bot.settings.discord.gateway_url == fake.gateway_url
-    assert fake.identify_payloads, "the bot identified on the configured gateway"
+    assert [payload["shard"] for payload in fake.identify_payloads] == [[0, 1]], "identified on that gateway"
     assert fake.requests_to("GET", "/users/@me"), "the bot logged in over REST"
     assert not fake.requests_to("GET", "/gateway/bot")
 

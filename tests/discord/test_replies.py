@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import discord
 import pytest
 
-from bot.discord.replies import ANSWERING_NOW, StreamingReply, queue_text
+from bot.discord.replies import ANSWERING_NOW, KEEP_VIEW, StreamingReply, queue_text
 
 INTERVAL = 0.05
 MAX_MESSAGES = 3
@@ -28,6 +29,7 @@ class _RecordingTarget:
     ops: list[tuple[float, str, int, str]] = field(default_factory=list)
     contents: dict[int, str] = field(default_factory=dict)
     files: dict[int, tuple[str, str]] = field(default_factory=dict)  # message id -> (file name, text)
+    views: dict[int, discord.ui.View] = field(default_factory=dict)  # message id -> components shown
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def _attach(self, message_id: int, file: discord.File | None) -> None:
@@ -37,19 +39,34 @@ class _RecordingTarget:
     def _record(self, op: str, message_id: int, content: str) -> None:
         self.ops.append((asyncio.get_running_loop().time(), op, message_id, content))
 
-    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> _Sent:
+    async def send(
+        self,
+        content: str,
+        *,
+        first: bool,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = None,
+    ) -> _Sent:
         message = _Sent(next(self._ids))
         self.contents[message.id] = content
         self._attach(message.id, file)
+        if view is not None:
+            self.views[message.id] = view
         self._record("send-first" if first else "send", message.id, content)
         return message
 
-    async def edit(self, message: _Sent, content: str, *, file: discord.File | None = None) -> None:
+    async def edit(
+        self, message: _Sent, content: str, *, file: discord.File | None = None, view: Any = KEEP_VIEW
+    ) -> None:
         if self.fail_edits:
             self.fail_edits -= 1
             raise discord.HTTPException(_FakeResponse(), "rate limited")
         self.contents[message.id] = content
         self._attach(message.id, file)
+        if view is None:
+            self.views.pop(message.id, None)
+        elif view is not KEEP_VIEW:
+            self.views[message.id] = view
         self._record("edit", message.id, content)
 
     async def delete(self, message: _Sent) -> None:
@@ -160,6 +177,32 @@ async def test_an_answer_longer_than_max_messages_arrives_as_a_preview_and_answe
     assert target.files == {messages[0].id: ("answer.md", text)}
 
 
+async def test_controls_show_on_the_first_message_while_streaming_and_go_with_the_final_round() -> None:
+    target = _RecordingTarget()
+    controls = discord.ui.View(timeout=None)
+    async with StreamingReply(
+        target, interval=INTERVAL, max_messages=MAX_MESSAGES, controls=controls
+    ) as reply:
+        reply.on_queue_position(1)
+        await asyncio.sleep(INTERVAL / 2)
+        assert list(target.views.values()) == [controls], "already on the queue placeholder"
+        reply.on_text("Some words")
+        await asyncio.sleep(INTERVAL * 2)
+        assert list(target.views.values()) == [controls]
+        messages = await reply.finish("Some words, all of them.")
+    assert target.views == {} and target.contents[messages[0].id] == "Some words, all of them."
+
+
+async def test_an_answer_that_ends_before_its_first_round_never_shows_controls() -> None:
+    target = _RecordingTarget()
+    controls = discord.ui.View(timeout=None)
+    async with StreamingReply(
+        target, interval=INTERVAL, max_messages=MAX_MESSAGES, controls=controls
+    ) as reply:
+        await reply.finish("Quick.")
+    assert target.views == {} and [op[1] for op in target.ops] == ["send-first"]
+
+
 async def test_finishing_with_nothing_removes_what_was_shown() -> None:
     target = _RecordingTarget()
     async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
@@ -183,6 +226,16 @@ async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
     assert "could not update a reply" in caplog.text
 
 
+async def test_a_finished_reply_can_be_amended_once_more() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=30.0, max_messages=MAX_MESSAGES) as reply:
+        reply.on_text("The answer")
+        (shown,) = await reply.finish("The answer.")
+        (amended,) = await reply.amend("The answer.\n\n-# a note")  # at once: not held back by the interval
+    assert amended.id == shown.id and target.contents == {shown.id: "The answer.\n\n-# a note"}
+    assert target.ops[-1][1:] == ("edit", shown.id, "The answer.\n\n-# a note")
+
+
 async def test_leaving_early_stops_the_pump() -> None:
     target = _RecordingTarget()
     async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
@@ -202,7 +255,14 @@ class _RefusingTarget(_RecordingTarget):
     status: int = 403
     attempts: int = 0
 
-    async def send(self, content: str, *, first: bool, file: discord.File | None = None) -> _Sent:
+    async def send(
+        self,
+        content: str,
+        *,
+        first: bool,
+        file: discord.File | None = None,
+        view: discord.ui.View | None = None,
+    ) -> _Sent:
         self.attempts += 1
         response = _FakeResponse()
         response.status = self.status
@@ -228,7 +288,9 @@ async def test_an_edit_of_a_deleted_reply_is_not_retried_every_round() -> None:
         await asyncio.sleep(INTERVAL / 2)
         target.contents.clear()  # a moderator deleted the reply
 
-        async def gone(message: _Sent, content: str, *, file: discord.File | None = None) -> None:
+        async def gone(
+            message: _Sent, content: str, *, file: discord.File | None = None, view: Any = None
+        ) -> None:
             target._record("edit-404", message.id, content)
             response = _FakeResponse()
             response.status = 404

@@ -17,10 +17,21 @@ GATEWAY_MESSAGE_CONTENT_LIMITED = (
 _counter = itertools.count()
 
 
-def snowflake(at: float | None = None) -> int:
-    """A unique id whose timestamp is `at` (default now), as Discord makes them; discord.py reads the time."""
+def snowflake(at: float | None = None, *, shard: tuple[int, int] | None = None) -> int:
+    """A unique id whose timestamp is `at` (default now), as Discord makes them; discord.py reads the time.
+
+    With `shard=(shard_id, shard_count)`, a guild id whose events go to that shard (up to count ms earlier).
+    """
     millis = int((time.time() if at is None else at) * 1000) - DISCORD_EPOCH_MS
+    if shard is not None:
+        shard_id, shard_count = shard
+        millis -= (millis - shard_id) % shard_count
     return (millis << 22) | (next(_counter) % (1 << 22))
+
+
+def shard_of(guild_id: int | None, shard_count: int) -> int:
+    """The shard that receives a guild's events, by Discord's rule; DMs (no guild) go to shard 0."""
+    return 0 if guild_id is None else (guild_id >> 22) % shard_count
 
 
 def iso_now() -> str:

@@ -5,12 +5,14 @@ points the bot at `api_base_url`, then plays users: `send_message`, `create_thre
 `context_menu` dispatch gateway events; `GET .../members/{id}` answers from the users' guilds. Roles hold
 every permission (administrator included) until `set_role_permissions` narrows them;
 `add_permission_overwrite` adds a channel overwrite; `application_flags` is what `GET
-/oauth2/applications/@me` says (the message content intent on, by default). Every REST call the bot makes is
-recorded; `wait_for_request` and `wait_for_message` await them with a timeout. Messages the bot posts or edits
-are kept in `messages` with their current content. An interaction whose id is over 15 minutes old plays one
-deferred in time whose token has since expired: its callback is accepted, its follow-ups and webhook edits get
-401 Invalid Webhook Token. `rate_limit_next` makes the next matching REST call meet a 429, as Discord's rate
-limiter sends it.
+/oauth2/applications/@me` says (the message content intent on, by default). It speaks sharding: each gateway
+session gets the guilds, and the events of the guilds, of the shard its IDENTIFY names (`(guild_id >> 22) %
+shard_count`; DMs go to shard 0), and `GET /gateway/bot` recommends `shard_count`. Every REST call the bot
+makes is recorded; `wait_for_request` and `wait_for_message` await them with a timeout. Messages the bot posts
+or edits are kept in `messages` with their current content. An interaction whose id is over 15 minutes old
+plays one deferred in time whose token has since expired: its callback is accepted, its follow-ups and webhook
+edits get 401 Invalid Webhook Token. `rate_limit_next` makes the next matching REST call meet a 429, as
+Discord's rate limiter sends it.
 """
 
 from __future__ import annotations
@@ -26,12 +28,15 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from tests.fakediscord import payloads
-from tests.fakediscord.payloads import Json, snowflake
+from tests.fakediscord.payloads import Json, shard_of, snowflake
 
 HEARTBEAT_INTERVAL_MS = 41_250
 OP_DISPATCH, OP_HEARTBEAT, OP_IDENTIFY, OP_RESUME = 0, 1, 2, 6
 OP_INVALID_SESSION, OP_HELLO, OP_HEARTBEAT_ACK = 9, 10, 11
 EPHEMERAL_FLAG = 64
+DEFERRED_UPDATE = 6  # an interaction callback that only acknowledges a component
+# A plain member's permissions in a channel: view, send, read history, attach, embed (no manage messages).
+MEMBER_PERMISSIONS = str((1 << 10) | (1 << 11) | (1 << 16) | (1 << 15) | (1 << 14))
 INTERACTION_TOKEN_SECONDS = 15 * 60
 _BODY = web.RequestKey("body", object)  # a request's parsed body, read once
 
@@ -70,6 +75,7 @@ class _Interaction:
     token: str
     channel_id: int
     guild_id: int | None
+    kind: int = 2  # 2: a command, 3: a component (a button press)
     original_message_id: int | None = None
 
     @property
@@ -93,8 +99,9 @@ def _error(status: int, message: str, code: int = 0) -> web.Response:
 class FakeDiscord:
     """The fake server; `await start()`, then use `api_base_url` / `gateway_url`, then `await close()`."""
 
-    def __init__(self, *, token: str) -> None:
+    def __init__(self, *, token: str, shard_count: int = 1) -> None:
         self.token = token
+        self.shard_count = shard_count
         self.bot = FakeUser(snowflake(), "visionbot", bot=True)
         self.application_id = snowflake()
         self.owner = FakeUser(snowflake(), "owner")
@@ -112,6 +119,7 @@ class FakeDiscord:
         self._interactions: dict[str, _Interaction] = {}
         self._rate_limits: list[tuple[str, str, float]] = []  # (method, path part, retry_after) to answer
         self._sockets: list[web.WebSocketResponse] = []
+        self._shards: dict[web.WebSocketResponse, tuple[int, int]] = {}  # identified session -> (id, count)
         self._sequence = 0
         self._changed = asyncio.Condition()
         self._runner: web.AppRunner | None = None
@@ -177,10 +185,15 @@ class FakeDiscord:
     # --- world building ---
 
     def add_guild(
-        self, name: str, channel_names: list[str], role_names: tuple[str, ...] = ()
+        self,
+        name: str,
+        channel_names: list[str],
+        role_names: tuple[str, ...] = (),
+        *,
+        shard: int | None = None,
     ) -> tuple[int, list[int], list[int]]:
-        """A guild with text channels and roles; returns (guild id, channel ids, role ids)."""
-        guild_id = snowflake()
+        """A guild with text channels and roles (on `shard` when given): (guild id, channel ids, role ids)."""
+        guild_id = snowflake(shard=None if shard is None else (shard, self.shard_count))
         channel_ids = [snowflake() for _ in channel_names]
         role_ids = [snowflake() for _ in role_names]
         channels = [
@@ -221,10 +234,16 @@ class FakeDiscord:
         bot: bool = False,
         role_ids: list[int] | None = None,
         guild_ids: list[int] | None = None,
+        accepts_dms: bool = True,
     ) -> FakeUser:
         """A user; `guild_ids` are the guilds they are a member of (what `GET .../members/{id}` answers)."""
         user = FakeUser(
-            snowflake(), name, bot=bot, role_ids=list(role_ids or []), guild_ids=list(guild_ids or [])
+            snowflake(),
+            name,
+            bot=bot,
+            role_ids=list(role_ids or []),
+            guild_ids=list(guild_ids or []),
+            accepts_dms=accepts_dms,
         )
         self._users[user.id] = user
         return user
@@ -367,11 +386,13 @@ class FakeDiscord:
         return await self._interact(channel_id, user, data, None)
 
     async def dispatch(self, event: str, data: Json) -> None:
-        """Send a DISPATCH event to every connected gateway session."""
+        """Send a DISPATCH event to every gateway session of the shard its guild belongs to."""
         self._sequence += 1
         frame = {"op": OP_DISPATCH, "t": event, "s": self._sequence, "d": data}
-        for socket in list(self._sockets):
-            await socket.send_json(frame)
+        guild_id = int(data["guild_id"]) if data.get("guild_id") else None
+        for socket, (shard_id, shard_count) in list(self._shards.items()):
+            if shard_of(guild_id, shard_count) == shard_id:
+                await socket.send_json(frame)
 
     # --- assertions ---
 
@@ -409,8 +430,9 @@ class FakeDiscord:
         return [r for r in self.requests if r.method == method and path_part in r.path]
 
     async def wait_connected(self, count: int = 1, *, timeout: float = 30.0) -> None:
+        """Wait until exactly `count` gateway sessions are open, each identified and sent its guilds."""
         async with asyncio.timeout(timeout), self._changed:
-            await self._changed.wait_for(lambda: len(self._sockets) >= count)
+            await self._changed.wait_for(lambda: len(self._shards) == count)
 
     # --- internals ---
 
@@ -476,16 +498,45 @@ class FakeDiscord:
                 return int(command["id"])
         return snowflake()
 
-    async def _interact(self, channel_id: int, user: FakeUser, data: Json, interaction_id: int | None) -> str:
+    async def press_button(
+        self,
+        message_id: int,
+        user: FakeUser,
+        custom_id: str,
+        *,
+        manage_messages: bool = False,
+        shown: Json | None = None,
+    ) -> str:
+        """A user presses a button of one of the bot's messages (INTERACTION_CREATE of type 3, carrying the
+        message as `shown`, by default its current state); they may manage messages in the channel only with
+        `manage_messages`. Returns the interaction token."""
+        message = shown or self.messages[message_id]
+        data = {"custom_id": custom_id, "component_type": 2}
+        permissions = payloads.ALL_PERMISSIONS if manage_messages else MEMBER_PERMISSIONS
+        return await self._interact(
+            int(message["channel_id"]), user, data, None, kind=3, message=message, permissions=permissions
+        )
+
+    async def _interact(
+        self,
+        channel_id: int,
+        user: FakeUser,
+        data: Json,
+        interaction_id: int | None,
+        *,
+        kind: int = 2,
+        message: Json | None = None,
+        permissions: str = payloads.ALL_PERMISSIONS,
+    ) -> str:
         channel = self._channels[channel_id]
         guild_id = int(channel["guild_id"]) if "guild_id" in channel else None
         token = secrets.token_urlsafe(24)
-        interaction = _Interaction(interaction_id or snowflake(), token, channel_id, guild_id)
+        interaction = _Interaction(interaction_id or snowflake(), token, channel_id, guild_id, kind=kind)
         self._interactions[token] = interaction
         payload: Json = {
             "id": str(interaction.id),
             "application_id": str(self.application_id),
-            "type": 2,
+            "type": kind,
             "data": data,
             "channel_id": str(channel_id),
             "channel": channel,
@@ -498,10 +549,15 @@ class FakeDiscord:
             "context": 0 if guild_id is not None else 1,
             "attachment_size_limit": 10 * 1024 * 1024,
         }
+        if message is not None:
+            payload["message"] = message
         if guild_id is not None:
             payload["guild_id"] = str(guild_id)
             payload["guild_locale"] = "en-US"
-            payload["member"] = payloads.member(user.role_ids, with_user=user.payload)
+            payload["member"] = {
+                **payloads.member(user.role_ids, with_user=user.payload),
+                "permissions": permissions,
+            }
         else:
             payload["user"] = user.payload
         await self.dispatch("INTERACTION_CREATE", payload)
@@ -528,6 +584,7 @@ class FakeDiscord:
             attachments=body.get("uploaded"),
         )
         data["allowed_mentions"] = body.get("allowed_mentions")
+        data["components"] = body.get("components") or []
         self.messages[int(data["id"])] = data
         return data
 
@@ -547,21 +604,31 @@ class FakeDiscord:
                     await socket.send_json({"op": OP_HEARTBEAT_ACK})
                 elif message["op"] == OP_IDENTIFY:
                     self.identify_payloads.append(message["d"])
-                    await self._ready(socket)
+                    shard_id, shard_count = message["d"].get("shard", (0, 1))
+                    await self._ready(socket, shard_id, shard_count)
+                    async with self._changed:
+                        self._shards[socket] = (shard_id, shard_count)
+                        self._changed.notify_all()
                 elif message["op"] == OP_RESUME:
                     await socket.send_json({"op": OP_INVALID_SESSION, "d": False})
         finally:
             async with self._changed:
                 self._sockets.remove(socket)
+                self._shards.pop(socket, None)
                 self._changed.notify_all()
         return socket
 
-    async def _ready(self, socket: web.WebSocketResponse) -> None:
+    async def _ready(self, socket: web.WebSocketResponse, shard_id: int, shard_count: int) -> None:
+        """READY, then GUILD_CREATE for each guild of this shard."""
+        guilds = [
+            guild for guild_id, guild in self._guilds.items() if shard_of(guild_id, shard_count) == shard_id
+        ]
         self._sequence += 1
         ready = {
             "v": 10,
             "user": self.bot.payload,
-            "guilds": [{"id": str(guild_id), "unavailable": True} for guild_id in self._guilds],
+            "guilds": [{"id": guild["id"], "unavailable": True} for guild in guilds],
+            "shard": [shard_id, shard_count],
             "session_id": secrets.token_hex(16),
             "resume_gateway_url": self.gateway_url,
             "application": {"id": str(self.application_id), "flags": self.application_flags},
@@ -569,7 +636,7 @@ class FakeDiscord:
             "relationships": [],
         }
         await socket.send_json({"op": OP_DISPATCH, "t": "READY", "s": self._sequence, "d": ready})
-        for guild in self._guilds.values():
+        for guild in guilds:
             self._sequence += 1
             threads = [c for c in self._channels.values() if c["type"] == 11 and c["guild_id"] == guild["id"]]
             data = {**guild, "threads": threads}
@@ -586,7 +653,7 @@ class FakeDiscord:
 
     async def _get_gateway_bot(self, request: web.Request) -> web.Response:
         limits = {"total": 1000, "remaining": 999, "reset_after": 0, "max_concurrency": 1}
-        return _json({"url": self.gateway_url, "shards": 1, "session_start_limit": limits})
+        return _json({"url": self.gateway_url, "shards": self.shard_count, "session_start_limit": limits})
 
     async def _get_me(self, request: web.Request) -> web.Response:
         return _json(self.bot.payload)
@@ -692,6 +759,13 @@ class FakeDiscord:
         if interaction is None:
             return _error(404, "Unknown interaction", 10062)
         body = await self._body(request)
+        if body["type"] == DEFERRED_UPDATE:  # a button press acknowledged: no message of its own
+            return _json(
+                {
+                    "interaction": {"id": str(interaction.id), "type": interaction.kind},
+                    "resource": {"type": DEFERRED_UPDATE},
+                }
+            )
         flags = (body.get("data") or {}).get("flags") or 0
         original = self._bot_message(interaction.channel_id, body.get("data") or {}, flags=flags)
         interaction.original_message_id = int(original["id"])
@@ -699,7 +773,7 @@ class FakeDiscord:
             {
                 "interaction": {
                     "id": str(interaction.id),
-                    "type": 2,
+                    "type": interaction.kind,
                     "response_message_id": original["id"],
                     "response_message_loading": body["type"] == 5,
                     "response_message_ephemeral": bool(flags & EPHEMERAL_FLAG),
@@ -754,4 +828,6 @@ class FakeDiscord:
             message["edited_timestamp"] = payloads.iso_now()
         if "uploaded" in body:  # the files sent replace the message's attachments
             message["attachments"] = body["uploaded"]
+        if "components" in body:
+            message["components"] = body["components"]
         return _json(message)

@@ -1,32 +1,37 @@
-"""Fixtures for the store tests: a migrated database and a media folder.
+"""Fixtures for the store tests: a migrated database on each backend, and a media folder.
 
-The database is a SQLite file in tmp_path, or a fresh PostgreSQL schema when `BOT_TEST_DATABASE_URL` is set
-(see `tests.store.backend`).
+`database_url` is a SQLite file in tmp_path, or a fresh PostgreSQL schema (see `tests.store.backend`); every
+test that uses it runs on both, or on the one its `database` marker names.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 
 from bot.store import ConversationStore, upgrade
-from tests.store.backend import check_server_url, fresh_schema, server_url
+from tests.store.backend import BACKENDS
 
 
-def pytest_configure(config: pytest.Config) -> None:
-    check_server_url()
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "database_url" in metafunc.fixturenames:
+        marker = metafunc.definition.get_closest_marker("database")
+        metafunc.parametrize("database", [marker.args[0]] if marker else BACKENDS, indirect=True)
 
 
 @pytest.fixture
-def database_url(tmp_path: Path) -> Iterator[str]:
-    server = server_url()
-    if server is None:
-        yield f"sqlite:///{(tmp_path / 'data' / 'bot.sqlite3').as_posix()}"
-        return
-    with fresh_schema(server) as url:
-        yield url
+def database(request: pytest.FixtureRequest) -> str:
+    """Which database this case runs on: "sqlite" or "postgresql"."""
+    return str(request.param)
+
+
+@pytest.fixture
+def database_url(database: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if database == "sqlite":
+        return f"sqlite:///{(tmp_path / 'data' / 'bot.sqlite3').as_posix()}"
+    return str(request.getfixturevalue("postgresql_url"))
 
 
 @pytest.fixture

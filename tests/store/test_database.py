@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import sys
+from asyncio.subprocess import PIPE, STDOUT
 from pathlib import Path
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect, text
+from sqlalchemy import Connection, inspect, text
 
 from bot.store import upgrade
-from bot.store.database import alembic_config, create_engine_for
+from bot.store.database import alembic_config, create_engine_for, upgrade_in
 from bot.store.models import Base
-from tests.store.backend import sqlite_only
+from tests.store.backend import postgresql_only, sqlite_only
 
+ROOT = Path(__file__).resolve().parents[2]
 TABLES = {"alembic_version", "conversations", "messages", "media", "message_media"}
 
 
@@ -131,3 +136,40 @@ def test_migration_renders_for_postgresql() -> None:
     assert "content JSON NOT NULL" in ddl
     assert "discord_message_id BIGINT" in ddl
     assert "created_at TIMESTAMP WITH TIME ZONE NOT NULL" in ddl
+
+
+@postgresql_only("processes starting together share one database server")
+async def test_a_process_starting_during_a_migration_waits_for_it(database_url: str, tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f"[storage]\ndata_dir = {json.dumps(str(tmp_path))}\ndatabase_url = {json.dumps(database_url)}\n"
+    )
+    engine = create_engine_for(database_url)
+    try:
+        with engine.connect() as connection:
+            with connection.begin():  # another shard's migration, not yet committed
+                upgrade_in(connection)
+                starting = await asyncio.create_subprocess_exec(
+                    *(sys.executable, "-m", "bot", "--config", str(config), "db", "upgrade"),
+                    stdout=PIPE,
+                    stderr=STDOUT,
+                    cwd=ROOT,
+                )
+                await _wait_until_a_session_waits_for_a_lock(connection)
+            output, _ = await asyncio.wait_for(starting.communicate(), timeout=60)
+            assert starting.returncode == 0, output.decode()
+            assert set(inspect(connection).get_table_names()) == TABLES
+    finally:
+        engine.dispose()
+
+
+async def _wait_until_a_session_waits_for_a_lock(connection: Connection) -> None:
+    waiting = text(
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND pid <> pg_backend_pid()"
+    )
+    async with asyncio.timeout(60):
+        while True:
+            connection.execute(text("SELECT pg_stat_clear_snapshot()"))  # else fixed for the transaction
+            if connection.execute(waiting).scalar_one():
+                return
+            await asyncio.sleep(0.05)
