@@ -168,6 +168,7 @@ class EngineSettings(_Section):
     max_batch_size: int = Field(default=8, ge=1)
     max_batch_tokens: int = Field(default=32768, ge=256)
     batch_wait_ms: float = Field(default=5.0, ge=0)
+    join_interval_steps: int = Field(default=16, ge=0)
     vision_cache_mb: int = Field(default=256, ge=0)
     shutdown_grace_seconds: float = Field(default=30.0, ge=0)
     request_timeout_seconds: float = Field(default=600.0, gt=0)

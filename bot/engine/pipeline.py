@@ -3,6 +3,13 @@
 For each request: chat template → vision info → processor → generate → trim the prompt → decode, exactly
 as the reference notebook does it, with left padding so several conversations run through one `generate` call.
 Images and videos must be local files: nothing here downloads anything.
+
+Each request goes through the processor on its own; a batch is its rows' inputs left-padded and joined, as
+the processor would batch them. A batch may pause after any decode step so that other requests can join it
+(the worker's continuous batching). A paused request resumes in a later call from its answer so far: its
+processed prompt (kept, so the processor does not run again) is read again with those ids appended, through
+the same `generate` path, so 3D rope positions, padding and masks are the model's own and a greedy answer
+continues exactly where it left off; the vision cache spares the encoder.
 """
 
 from __future__ import annotations
@@ -26,6 +33,42 @@ from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_featu
 _VISION_KEYS = ("image", "image_url", "video")
 # An image part's own settings that shape its pixels (its file or PIL image and the processor do the rest).
 _IMAGE_SETTINGS = ("min_pixels", "max_pixels", "resized_height", "resized_width")
+# generate() options that mean the same for a row resumed from its answer so far: none counts from the end of
+# the prompt (as min_new_tokens or forced_eos_token_id do) or needs the whole search (as beams do).
+_RESUMABLE_OPTIONS = frozenset(
+    {"max_new_tokens", "do_sample", "temperature", "top_p", "top_k", "repetition_penalty"}
+)
+# The processor's outputs with one value per token: ids, mask, and the token types (0: text); the others
+# hold rows per image or video.
+_PER_TOKEN = ("input_ids", "attention_mask", "mm_token_type_ids")
+
+
+@dataclass
+class _RowText:
+    """One row's streamed ids and the window of them still being decoded."""
+
+    ids: list[int] = field(default_factory=list)
+    prefix: int = 0  # the window starts here: the text before is sent
+    read: int = 0  # the window's tokens up to here are sent too
+
+
+@dataclass
+class _RowInputs:
+    """One request's processor output as a batch row: per-token tensors unpadded, the rest per image/video."""
+
+    prompt_text: str
+    per_token: dict[str, torch.Tensor]  # `_PER_TOKEN` present, each one-dimensional
+    per_media: dict[str, torch.Tensor]  # pixel values, grids, ...: one or more rows per image or video
+    image_keys: list[str] | None  # one vision-cache key per image; None when the pipeline has no cache
+
+
+@dataclass
+class AnswerSoFar:
+    """A paused request's processed prompt and generated ids, and how much of them was streamed."""
+
+    inputs: _RowInputs
+    ids: list[int] = field(default_factory=list)
+    stream: _RowText = field(default_factory=_RowText)
 
 
 @dataclass
@@ -38,6 +81,8 @@ class PipelineRequest:
     on_text: Callable[[str], None] | None = None
     # Asked after every decode step; True ends this row there (its text so far is its answer), the rest go on.
     should_stop: Callable[[], bool] | None = None
+    # A paused output's `resume`: the answer goes on from there (`run_batch` extends it); None starts afresh.
+    resume: AnswerSoFar | None = None
 
 
 @dataclass
@@ -47,6 +92,12 @@ class PipelineOutput:
     text: str
     token_ids: list[int]
     prompt_tokens: int
+    resume: AnswerSoFar | None = None  # set when paused before its end: the request's `resume` to go on
+
+    @property
+    def finished(self) -> bool:
+        """Whether the answer has ended (else it paused)."""
+        return self.resume is None
 
 
 @dataclass
@@ -89,16 +140,17 @@ class Pipeline:
 
     def prepare(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> PreparedBatch:
         """Template, vision info and processor for a batch, as the seed does it, with left padding."""
-        conversations = [self._with_pixel_limits(request.messages, pixel_scale) for request in requests]
-        texts = [
-            self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            for messages in conversations
-        ]
-        images = self._image_identities(conversations) if self.vision_cache is not None else None
-        for messages in conversations:
-            _decode_images(messages)
+        rows = [self._row_inputs(request, pixel_scale) for request in requests]
+        return self._batch(rows, [[] for _ in rows])
+
+    def _row_inputs(self, request: PipelineRequest, pixel_scale: float) -> _RowInputs:
+        """Template, vision info and processor for one request, as the seed does it."""
+        conversation = self._with_pixel_limits(request.messages, pixel_scale)
+        text = self.processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        images = self._image_identities([conversation]) if self.vision_cache is not None else None
+        _decode_images(conversation)
         image_inputs, videos, video_kwargs = process_vision_info(
-            conversations, return_video_kwargs=True, return_video_metadata=True
+            [conversation], return_video_kwargs=True, return_video_metadata=True
         )
         video_inputs = None
         processor_kwargs: dict[str, Any] = {}
@@ -109,52 +161,116 @@ class Pipeline:
                 "video_metadata": [metadata for _, metadata in videos],
                 "cap_pixels_per_frame": True,  # qwen-vl-utils already capped each frame
             }
-        self.processor.tokenizer.padding_side = "left"
         inputs = self.processor(
-            text=texts,
+            text=[text],
             images=image_inputs,
             videos=video_inputs,
             padding=True,
             return_tensors="pt",
             **processor_kwargs,
         )
-        image_keys = None if images is None else self._image_keys(images, inputs)
-        return PreparedBatch(inputs=inputs, prompt_texts=texts, image_keys=image_keys)
+        return _RowInputs(
+            prompt_text=text,
+            per_token={key: inputs[key][0] for key in _PER_TOKEN if key in inputs},
+            per_media={key: value for key, value in inputs.items() if key not in _PER_TOKEN},
+            image_keys=None if images is None else self._image_keys(images, inputs),
+        )
 
-    def run_batch(self, requests: list[PipelineRequest], *, pixel_scale: float = 1.0) -> list[PipelineOutput]:
-        """Answer every request with one `generate` call; all requests must share the same generate_kwargs."""
+    def _batch(self, rows: list[_RowInputs], answers: list[list[int]]) -> PreparedBatch:
+        """The rows as one left-padded batch, as the processor pads one, each prompt followed by its answer so
+        far: `input_ids` grows by the ids, `attention_mask` by ones, the token types by zeros (text)."""
+        width = max(
+            len(row.per_token["input_ids"]) + len(answer) for row, answer in zip(rows, answers, strict=True)
+        )
+        batch: dict[str, torch.Tensor] = {}
+        for key in rows[0].per_token:
+            padded = []
+            for row, answer in zip(rows, answers, strict=True):
+                values = row.per_token[key]
+                tail = answer if key == "input_ids" else [1 if key == "attention_mask" else 0] * len(answer)
+                fill = self._pad_id if key == "input_ids" else 0
+                pad = [fill] * (width - len(values) - len(tail))
+                padded.append(torch.cat([values.new_tensor(pad), values, values.new_tensor(tail)]))
+            batch[key] = torch.stack(padded)
+        for key in dict.fromkeys(key for row in rows for key in row.per_media):
+            batch[key] = torch.cat([row.per_media[key] for row in rows if key in row.per_media])
+        keys = None if self.vision_cache is None else [key for row in rows for key in row.image_keys or []]
+        return PreparedBatch(BatchFeature(batch), [row.prompt_text for row in rows], keys)
+
+    def run_batch(
+        self,
+        requests: list[PipelineRequest],
+        *,
+        pixel_scale: float = 1.0,
+        pause: Callable[[], bool] | None = None,
+    ) -> list[PipelineOutput]:
+        """Answer every request with one `generate` call; all requests must share the same generate_kwargs.
+
+        `pause` is asked after every decode step: True ends the call there, and the rows that had not finished
+        come back with a `resume` state; passed in again as their requests' `resume` (with other requests,
+        possibly), they go on where they left off, with the pixels of their first call. It is not asked when
+        the options cannot resume (`_RESUMABLE_OPTIONS`, and a `max_new_tokens`).
+        """
         if not requests:
             return []
         if any(request.generate_kwargs != requests[0].generate_kwargs for request in requests):
             raise ValueError("requests in one batch must share the same generate_kwargs")
         generate_kwargs = {k: v for k, v in requests[0].generate_kwargs.items() if v is not None}
-        prepared = self.prepare(requests, pixel_scale=pixel_scale)
+        budget = self._pausable_budget(generate_kwargs)
+        answers = [
+            request.resume or AnswerSoFar(self._row_inputs(request, pixel_scale)) for request in requests
+        ]
+        done_so_far = [len(answer.ids) for answer in answers]
+        if budget is None and any(done_so_far):
+            raise ValueError("only requests whose options can pause resume from an answer so far")
+        prepared = self._batch([answer.inputs for answer in answers], [answer.ids for answer in answers])
         vision_cache = self._vision_cache(prepared.image_keys)
+        prompt_lengths = [len(answer.inputs.per_token["input_ids"]) for answer in answers]
         inputs = prepared.inputs.to(self.model.device)
+        remaining = None if budget is None else [budget - done for done in done_so_far]
+        if remaining is not None:
+            generate_kwargs["max_new_tokens"] = max(remaining)
+        checks = [request.should_stop for request in requests]
+        limits = _RowLimits(checks, remaining, pause if remaining is not None else None)
+        generate_kwargs["stopping_criteria"] = StoppingCriteriaList([limits])
+        streamer = None
         if any(request.on_text is not None for request in requests):
-            generate_kwargs["streamer"] = _BatchStreamer(
-                self.processor.tokenizer, [request.on_text for request in requests], self._eos_ids
+            streamer = _BatchStreamer(
+                self.processor.tokenizer,
+                [request.on_text for request in requests],
+                [answer.stream for answer in answers],
+                self._eos_ids,
             )
-        if any(request.should_stop is not None for request in requests):
-            checks = [request.should_stop for request in requests]
-            generate_kwargs["stopping_criteria"] = StoppingCriteriaList([_RowsAskedToStop(checks)])
+            generate_kwargs["streamer"] = streamer
         with torch.inference_mode(), vision_cache:
             generated = self.model.generate(**inputs, **generate_kwargs)
         prompt_width = inputs["input_ids"].shape[1]
-        rows = [self._answer_ids(row[prompt_width:].tolist()) for row in generated]
+        finished = []
+        for index, (answer, row) in enumerate(zip(answers, generated, strict=True)):
+            new_ids, ended = self._answer_ids(row[prompt_width:].tolist())
+            answer.ids.extend(new_ids)
+            finished.append(ended or limits.ended[index] or not limits.paused)
+            if finished[index] and streamer is not None:
+                streamer.finish(index)
         texts = self.processor.batch_decode(
-            rows, skip_special_tokens=True, clean_up_tokenization_spaces=False
+            [answer.ids for answer in answers], skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
-        prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
-        pixel_bytes = sum(
-            value.nbytes for name, value in prepared.inputs.items() if name.startswith("pixel_values")
-        )
-        del prepared, inputs, generated
-        release_memory(pixel_bytes)  # the batch's pixel values are freed by now
-        return [
-            PipelineOutput(text=text, token_ids=ids, prompt_tokens=int(length))
-            for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)
+        outputs = [
+            PipelineOutput(text, list(answer.ids), length, resume=None if done else answer)
+            for text, answer, length, done in zip(texts, answers, prompt_lengths, finished, strict=True)
         ]
+        ended_rows = [answer.inputs.per_media for answer, done in zip(answers, finished, strict=True) if done]
+        pixel_bytes = sum(_pixel_bytes(tensors) for tensors in [prepared.inputs, *ended_rows])
+        del prepared, inputs, generated, answers, ended_rows
+        release_memory(pixel_bytes)  # the batch's pixel values and those of the answers that ended are freed
+        return outputs
+
+    def _pausable_budget(self, generate_kwargs: Mapping[str, object]) -> int | None:
+        """The new tokens a row may have in all, when these options can pause and resume; else None."""
+        if not _RESUMABLE_OPTIONS.issuperset(generate_kwargs):
+            return None
+        budget = generate_kwargs.get("max_new_tokens", self.model.generation_config.max_new_tokens)
+        return budget if isinstance(budget, int) else None
 
     def _vision_cache(self, image_keys: list[str] | None) -> contextlib.AbstractContextManager[None]:
         if self.vision_cache is None or not image_keys:
@@ -193,13 +309,14 @@ class Pipeline:
             keys.append(digest.hexdigest())
         return keys
 
-    def _answer_ids(self, ids: list[int]) -> list[int]:
+    def _answer_ids(self, ids: list[int]) -> tuple[list[int], bool]:
+        """A row's new ids without EOS and padding, and whether it ended with EOS."""
         for index, token_id in enumerate(ids):
             if token_id in self._eos_ids:
-                return ids[:index]
+                return ids[:index], True
         while ids and ids[-1] == self._pad_id:
             ids.pop()
-        return ids
+        return ids, False
 
     def _with_pixel_limits(self, messages: Sequence[Mapping[str, Any]], pixel_scale: float) -> list[dict]:
         """A copy of `messages` whose vision parts are local files carrying their pixel limits."""
@@ -258,14 +375,37 @@ def _decode_images(messages: list[dict]) -> None:
                 content[index] = {**part, "image": image}
 
 
-class _RowsAskedToStop(StoppingCriteria):
-    """Ends each row whose request asks to stop; `generate` pads finished rows while the others go on."""
+def _pixel_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of the pixel values (images' and videos') among `tensors`."""
+    return sum(value.nbytes for name, value in tensors.items() if name.startswith("pixel_values"))
 
-    def __init__(self, checks: list[Callable[[], bool] | None]) -> None:
+
+class _RowLimits(StoppingCriteria):
+    """Ends each row whose request asks to stop or whose budget is spent (`generate` pads finished rows while
+    the others go on), and every row at once when `pause` says so."""
+
+    def __init__(
+        self,
+        checks: list[Callable[[], bool] | None],
+        remaining: list[int] | None,
+        pause: Callable[[], bool] | None,
+    ) -> None:
         self._checks = checks
+        self._remaining = remaining
+        self._pause = pause
+        self._steps = 0
+        self.ended = [False] * len(checks)  # a row ended here, by its check or its budget
+        self.paused = False
 
     def __call__(self, input_ids: torch.LongTensor, scores: Any, **kwargs: Any) -> torch.BoolTensor:
-        stopped = [check is not None and check() for check in self._checks]
+        self._steps += 1
+        for row, check in enumerate(self._checks):
+            spent = self._remaining is not None and self._steps >= self._remaining[row]
+            if not self.ended[row] and (spent or (check is not None and check())):
+                self.ended[row] = True
+        if self._pause is not None and not all(self.ended) and self._pause():
+            self.paused = True
+        stopped = [True] * len(self.ended) if self.paused else self.ended
         return torch.tensor(stopped, dtype=torch.bool, device=input_ids.device)  # type: ignore[return-value]
 
 
@@ -287,12 +427,16 @@ class _BatchStreamer(BaseStreamer):
     """
 
     def __init__(
-        self, tokenizer: Any, callbacks: list[Callable[[str], None] | None], eos_ids: frozenset[int]
+        self,
+        tokenizer: Any,
+        callbacks: list[Callable[[str], None] | None],
+        rows: list[_RowText],
+        eos_ids: frozenset[int],
     ):
         self._tokenizer = tokenizer
         self._callbacks = callbacks
         self._eos_ids = eos_ids
-        self._rows = [_RowText() for _ in callbacks]
+        self._rows = rows  # each row's state, kept by its request across the runs of a paused batch
         self._done = [callback is None for callback in callbacks]
         self._prompt_seen = False
 
@@ -311,10 +455,13 @@ class _BatchStreamer(BaseStreamer):
             self._emit(row, final=False)
 
     def end(self) -> None:
-        for row in range(len(self._callbacks)):
-            if not self._done[row]:
-                self._done[row] = True
-                self._emit(row, final=True)
+        """Nothing: `run_batch` knows which rows finished (`finish`) and which only paused."""
+
+    def finish(self, row: int) -> None:
+        """Send what `row` still holds back: its answer has ended."""
+        if not self._done[row]:
+            self._done[row] = True
+            self._emit(row, final=True)
 
     def _emit(self, row: int, *, final: bool) -> None:
         state = self._rows[row]
@@ -331,12 +478,3 @@ class _BatchStreamer(BaseStreamer):
         if not ids:
             return ""
         return str(self._tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False))
-
-
-@dataclass
-class _RowText:
-    """One row's generated ids and the window of them still being decoded."""
-
-    ids: list[int] = field(default_factory=list)
-    prefix: int = 0  # the window starts here: the text before is sent
-    read: int = 0  # the window's tokens up to here are sent too

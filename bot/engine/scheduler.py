@@ -9,6 +9,8 @@ under its lock, the server backend on the event loop) and ask it what to start. 
   one of its conversation: it waits for the previous answer.
 - A batch holds at most `max_size` requests and `max_tokens` estimated padded tokens: batch size × the
   longest (estimated prompt + `max_new_tokens`), since padding makes every row that long.
+- Requests may join a running batch (the in-process worker pauses it for them) under the same rules: the
+  running requests count as the batch's first rows.
 - A request's queue position counts the earlier-submitted requests still waiting or running, so it only ever
   goes down; a running request is at 0.
 """
@@ -52,10 +54,14 @@ def form_batch(
     *,
     busy: frozenset[str] = frozenset(),
     same_kwargs: bool = True,
+    joining: Sequence[ScheduledRequest] = (),
 ) -> list[ScheduledRequest]:
-    """The next batch from the FIFO `queue`, given the conversations `busy` running; see the module rules."""
-    batch: list[ScheduledRequest] = []
-    widest = 0
+    """The next batch from the FIFO `queue`, given the conversations `busy` running; see the module rules.
+
+    With `joining`, the requests from `queue` that may join that running batch.
+    """
+    batch = list(joining)
+    widest = max((item.cost for item in batch), default=0)
     blocked = set(busy)  # conversations whose next request must not start now
     for item in queue:
         if len(batch) >= max_size:
@@ -71,7 +77,7 @@ def form_batch(
             continue
         widest = candidate
         batch.append(item)
-    return batch
+    return batch[len(joining) :]
 
 
 class Scheduler:
@@ -89,13 +95,17 @@ class Scheduler:
         self.waiting.append(item)
 
     def next_batch(
-        self, max_size: int, max_tokens: int | None = None, *, same_kwargs: bool = True
+        self, max_size: int, max_tokens: int | None = None, *, same_kwargs: bool = True, join: bool = False
     ) -> list[ScheduledRequest]:
-        """What may start now (empty when nothing may), without starting it."""
+        """What may start now (empty when nothing may), without starting it; with `join`, what may join the
+        running requests as one batch of at most `max_size`."""
         if max_size <= 0:
             return []
         busy = frozenset(item.conversation_key for item in self.running)
-        return form_batch(self.waiting, max_size, max_tokens, busy=busy, same_kwargs=same_kwargs)
+        joining = self.running if join else ()
+        return form_batch(
+            self.waiting, max_size, max_tokens, busy=busy, same_kwargs=same_kwargs, joining=joining
+        )
 
     def start(self, batch: Sequence[ScheduledRequest], now: float) -> None:
         """Move `batch` from waiting to running."""

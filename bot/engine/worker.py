@@ -5,15 +5,17 @@ request to a bounded FIFO and returns a handle at once. The worker thread blocks
 while busy, each step forms a micro-batch, runs it through the pipeline and emits the outcomes back to the
 loop with `loop.call_soon_threadsafe`. Nothing on the event loop touches torch.
 
-The queue, positions and timeouts are `bot.engine.frontend`'s; which requests form a batch is
-`bot.engine.scheduler`'s. The worker adds one timing rule: a request that arrives while the worker is idle
-waits at most `batch_wait_ms` for company; requests that arrived during a step have gathered meanwhile, so the
-next step starts at once.
+The queue, positions and timeouts are `bot.engine.frontend`'s; which requests form a batch, or join one, is
+`bot.engine.scheduler`'s. The worker adds two timing rules: a request that arrives while the worker is idle
+waits at most `batch_wait_ms` for company; and a request that arrives while a batch runs joins it within
+`join_interval_steps` decode steps: every that many steps the running batch pauses if someone may join, and
+the next step resumes its rows (from their answers so far, see `bot.engine.pipeline`) with the newcomers.
 
-Failures stay per request. A batch that raises is retried one request at a time, so one bad request does not
-fail its batch-mates (`GenerationFailed`, the original as `__cause__`). Out of memory empties the CUDA cache
-and retries each request alone with half the pixels, then fails that request with `OutOfMemory`. Callbacks
-(`on_text`, `on_queue_position`) and results always arrive on the event loop thread.
+Failures stay per request. A batch that raises is retried one request at a time from the start of each
+answer, so one bad request (a newcomer too) does not fail its batch-mates (`GenerationFailed`, the original as
+`__cause__`). Out of memory empties the CUDA cache and retries each request alone with half the pixels, then
+fails that request with `OutOfMemory`. Callbacks (`on_text`, `on_queue_position`) and results always arrive on
+the event loop thread.
 """
 
 from __future__ import annotations
@@ -21,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import copy
 import functools
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -48,6 +52,14 @@ _Outcome = PipelineOutput | EngineError | None  # None: nobody waits for it any 
 
 class _Aborted(Exception):
     """Raised from the streaming callback to stop a batch that nobody waits for any more."""
+
+
+@dataclass(eq=False, slots=True)
+class _Row:
+    """A running request and what the pipeline runs for it; between two steps it holds the answer so far."""
+
+    item: ScheduledRequest
+    request: PipelineRequest
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -76,6 +88,7 @@ class InferenceEngine(EngineFrontEnd):
         # Owned by the worker thread (the tokenizer copy is the loop's, built there once).
         self._pipeline: Pipeline | None = None
         self._step_ended_at = 0.0  # time.monotonic() at the end of the last step
+        self._members: list[ScheduledRequest] = []  # the requests of the pipeline call in progress
         self._tokenizer: Any = None
         self._thread: threading.Thread | None = None
         self._stop_task: asyncio.Future[None] | None = None
@@ -216,22 +229,30 @@ class InferenceEngine(EngineFrontEnd):
 
     def _serve(self) -> None:
         """The busy loop: block while idle; each step forms a batch, runs it and emits the outcomes."""
+        batch: list[_Row] = []  # the rows of a paused batch, carried to the next step
         while True:
-            # 1. Block until there is work, then form a batch (None: the engine is stopping).
-            batch = self._next_batch()
-            if batch is None:
+            # 1. Block until there is work, then form a batch, or let waiting requests join the paused one
+            #    (None: the engine is stopping).
+            formed = self._next_batch(batch)
+            if formed is None:
                 return
-            # 2. Run it; every failure becomes a per-request outcome, never an exception.
+            # 2. Run it until its rows end, or it pauses for newcomers; every failure becomes a per-request
+            #    outcome, never an exception.
             started = time.monotonic()
-            outcomes = self._execute(batch)
+            outcomes = self._execute(formed)
             self._step_ended_at = time.monotonic()
-            # 3. Emit: settle each future on the loop, count, and move the queue forward.
-            self._finish(batch, outcomes, self._step_ended_at - started)
+            # 3. Emit: settle each ended request's future on the loop, count, and move the queue forward.
+            batch = self._finish(formed, outcomes, self._step_ended_at - started)
 
-    def _next_batch(self) -> list[ScheduledRequest] | None:
-        wait = self._limits.batch_wait_ms / 1000
+    def _next_batch(self, paused: list[_Row]) -> list[_Row] | None:
+        limits = self._limits
         waiting = self._scheduler.waiting
         with self._lock:
+            if paused:
+                joining = self._joiners()
+                self._scheduler.start(joining, time.monotonic())
+                self._publish_positions()
+                return paused + [self._row(item) for item in joining]
             while True:
                 while not waiting and not self._stopping:
                     self._lock.wait()
@@ -240,8 +261,9 @@ class InferenceEngine(EngineFrontEnd):
                 # A request that arrived after the last step gets up to batch_wait_ms to find company, unless
                 # a full batch already waits; one that waited through a step had company gather meanwhile.
                 head = waiting[0]
+                wait = limits.batch_wait_ms / 1000
                 deadline = head.submitted_at + wait if head.submitted_at >= self._step_ended_at else 0.0
-                while waiting and not self._stopping and len(waiting) < self._limits.max_batch_size:
+                while waiting and not self._stopping and len(waiting) < limits.max_batch_size:
                     remaining = deadline - time.monotonic()
                     if remaining <= 0:
                         break
@@ -250,15 +272,48 @@ class InferenceEngine(EngineFrontEnd):
                     return None
                 if waiting:  # else every waiting request was cancelled meanwhile
                     break
-            batch = self._scheduler.next_batch(self._limits.max_batch_size, self._limits.max_batch_tokens)
+            batch = self._scheduler.next_batch(limits.max_batch_size, limits.max_batch_tokens)
             self._scheduler.start(batch, time.monotonic())
             self._abort_running = False
             self._publish_positions()
-        return batch
+        return [self._row(item) for item in batch]
 
-    def _execute(self, batch: list[ScheduledRequest]) -> list[_Outcome]:
+    def _row(self, item: ScheduledRequest) -> _Row:
+        """A fresh attempt at `item`: its pipeline request, streaming through `_text_sink`."""
+        request = PipelineRequest(
+            item.request.messages,
+            item.generate_kwargs,
+            self._text_sink(item),
+            should_stop=functools.partial(_ends_early, item),
+        )
+        return _Row(item, request)
+
+    def _joins_due(self) -> Callable[[], bool] | None:
+        """The pipeline's `pause` for one step: every `join_interval_steps` decode steps, whether a waiting
+        request may join the batch (None when joins are off)."""
+        interval = self._limits.join_interval_steps
+        if interval == 0:
+            return None
+        steps = itertools.count(1)
+
+        def due() -> bool:
+            if next(steps) % interval:
+                return False
+            with self._lock:
+                return bool(self._joiners())
+
+        return due
+
+    def _joiners(self) -> list[ScheduledRequest]:
+        """The waiting requests that may join the running batch now; called with `_lock` held."""
+        if self._stopping:
+            return []
+        limits = self._limits
+        return self._scheduler.next_batch(limits.max_batch_size, limits.max_batch_tokens, join=True)
+
+    def _execute(self, batch: list[_Row]) -> list[_Outcome]:
         try:
-            return list(self._attempt(batch, 1.0))
+            return list(self._attempt(batch, 1.0, self._joins_due()))
         except _Aborted:
             self._count_abort()
             return [None] * len(batch)
@@ -270,19 +325,20 @@ class InferenceEngine(EngineFrontEnd):
                     len(batch),
                     OOM_PIXEL_SCALE * 100,
                 )
-                return [self._run_alone(item, OOM_PIXEL_SCALE) for item in batch]
+                return [self._run_alone(row.item, OOM_PIXEL_SCALE) for row in batch]
             if len(batch) == 1:
                 return [self._failed(exc)]
             logger.warning(
                 "a batch of %d failed (%s); retrying each request alone", len(batch), type(exc).__name__
             )
-            return [self._run_alone(item, 1.0) for item in batch]
+            return [self._run_alone(row.item, 1.0) for row in batch]
 
     def _run_alone(self, item: ScheduledRequest, scale: float) -> _Outcome:
+        """`item` from the start of its answer, alone and to its end."""
         if item.discarded or self._abort_running:
             return None
         try:
-            return self._attempt([item], scale)[0]
+            return self._attempt([self._row(item)], scale, None)[0]
         except _Aborted:
             self._count_abort()
             return None
@@ -298,31 +354,26 @@ class InferenceEngine(EngineFrontEnd):
         logger.warning("a request failed: %s", exc, exc_info=exc)
         return _as_engine_error(exc)
 
-    def _attempt(self, items: list[ScheduledRequest], scale: float) -> list[PipelineOutput]:
+    def _attempt(
+        self, rows: list[_Row], scale: float, pause: Callable[[], bool] | None
+    ) -> list[PipelineOutput]:
         assert self._pipeline is not None
         if scale != 1.0:
             with self._lock:
                 self._counters.oom_retries += 1
-        requests = [
-            PipelineRequest(
-                item.request.messages,
-                item.generate_kwargs,
-                self._text_sink(item, items),
-                should_stop=functools.partial(_ends_early, item),
-            )
-            for item in items
-        ]
-        outputs = self._pipeline.run_batch(requests, pixel_scale=scale)
-        if len(outputs) != len(items):
-            raise RuntimeError(f"the pipeline returned {len(outputs)} outputs for {len(items)} requests")
+        self._members = [row.item for row in rows]
+        outputs = self._pipeline.run_batch([row.request for row in rows], pixel_scale=scale, pause=pause)
+        if len(outputs) != len(rows):
+            raise RuntimeError(f"the pipeline returned {len(outputs)} outputs for {len(rows)} requests")
         return outputs
 
     def _count_abort(self) -> None:
         with self._lock:
             self._counters.aborted += 1
 
-    def _text_sink(self, item: ScheduledRequest, attempt: list[ScheduledRequest]) -> Callable[[str], None]:
-        """The pipeline's streaming callback for `item`: forwards new text to the loop, aborts dead runs.
+    def _text_sink(self, item: ScheduledRequest) -> Callable[[str], None]:
+        """The pipeline's streaming callback for one attempt at `item`: forwards new text to the loop, aborts
+        dead runs.
 
         Installed even without `on_text`, because raising from it is how a run that nobody waits for
         (cancelled, or past the shutdown grace) stops between two tokens. A retried request regenerates
@@ -333,7 +384,7 @@ class InferenceEngine(EngineFrontEnd):
 
         def sink(delta: str) -> None:
             nonlocal text
-            if self._abort_running or all(entry.discarded for entry in attempt):
+            if self._abort_running or all(entry.discarded for entry in self._members):
                 raise _Aborted
             text += delta
             if forward and len(text) > len(item.streamed):
@@ -343,21 +394,40 @@ class InferenceEngine(EngineFrontEnd):
 
         return sink
 
-    def _finish(self, batch: list[ScheduledRequest], outcomes: list[_Outcome], elapsed: float) -> None:
-        failed = sum(isinstance(outcome, EngineError) for outcome in outcomes)
+    def _finish(self, batch: list[_Row], outcomes: list[_Outcome], elapsed: float) -> list[_Row]:
+        """Settle the requests that ended; return the paused rows, to run on in the next step."""
+        paused, ended = [], []
+        for row, outcome in zip(batch, outcomes, strict=True):
+            # A row stopped or dropped right at the pause ends there, with its text so far.
+            if (
+                isinstance(outcome, PipelineOutput)
+                and outcome.resume is not None
+                and not _ends_early(row.item)
+            ):
+                row.request.resume = outcome.resume
+                paused.append(row)
+                continue
+            ended.append((row.item, outcome))
+        failed = sum(isinstance(outcome, EngineError) for _, outcome in ended)
         with self._lock:
-            self._scheduler.finish(batch)
+            self._scheduler.finish([item for item, _ in ended])
             counters = self._counters
             counters.batches += 1
             counters.batch_sizes[len(batch)] += 1
             counters.failed += failed
-            counters.completed += sum(isinstance(outcome, PipelineOutput) for outcome in outcomes)
+            counters.completed += sum(isinstance(outcome, PipelineOutput) for _, outcome in ended)
             self._publish_positions()
-        waited = max(item.started_at - item.submitted_at for item in batch)
+        waited = max(row.item.started_at - row.item.submitted_at for row in batch)
         logger.info(
-            "batch of %d in %.2fs (longest queue wait %.3fs, %d failed)", len(batch), elapsed, waited, failed
+            "batch of %d in %.2fs (%d paused for newcomers, longest queue wait %.3fs, %d failed)",
+            len(batch),
+            elapsed,
+            len(paused),
+            waited,
+            failed,
         )
-        for item, outcome in zip(batch, outcomes, strict=True):
+        now = time.monotonic()
+        for item, outcome in ended:
             if outcome is None:
                 continue
             if isinstance(outcome, EngineError):
@@ -372,10 +442,11 @@ class InferenceEngine(EngineFrontEnd):
                 prompt_tokens=outcome.prompt_tokens,
                 completion_tokens=len(outcome.token_ids),
                 queue_seconds=item.started_at - item.submitted_at,
-                generate_seconds=elapsed,
+                generate_seconds=now - item.started_at,
                 stopped=item.stop_requested,
             )
             self._post(settle, item.future, result)
+        return paused
 
     def _fail_everything(self, error: EngineError) -> None:
         with self._lock:

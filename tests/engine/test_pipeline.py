@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
 import pytest
 from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-from bot.engine.pipeline import Pipeline, PipelineRequest
+from bot.engine.pipeline import Pipeline, PipelineOutput, PipelineRequest
+from bot.engine.vision_cache import VisionCache
 from tests.engine.media_files import write_mp4, write_png
 
 GREEDY: dict[str, object] = {"max_new_tokens": 10, "do_sample": False}
@@ -68,6 +71,61 @@ def test_batched_answers_equal_unbatched(pipeline: Pipeline, images: list[str]) 
     assert all(0 < len(output.token_ids) <= 10 for output in batched)
     assert all(isinstance(output.text, str) and output.text for output in batched)
     assert len({output.prompt_tokens for output in batched}) == len(batched)
+
+
+def test_paused_answers_resume_with_new_rows_and_equal_unbatched(
+    pipeline: Pipeline, images: list[str]
+) -> None:
+    """Continuous batching on the pipeline: the batch pauses every 3 decode steps, one more request joins."""
+    cached = Pipeline(
+        pipeline.model,
+        pipeline.processor,
+        min_pixels=pipeline.min_pixels,
+        max_pixels=pipeline.max_pixels,
+        vision_cache=VisionCache(max_bytes=64 * 1024 * 1024),
+    )
+    requests = _mixed_requests(images)
+    deltas: list[list[str]] = [[] for _ in requests]
+    for request, row in zip(requests, deltas, strict=True):
+        request.on_text = row.append
+    alone = [pipeline.run_batch([dataclasses.replace(request, on_text=None)])[0] for request in requests]
+    steps = itertools.count(1)
+    pending, running = list(enumerate(requests)), []
+    finished: dict[int, PipelineOutput] = {}
+    calls = 0
+    while pending or running:
+        if pending:
+            running.append(pending.pop(0))
+        outputs = cached.run_batch([request for _, request in running], pause=lambda: next(steps) % 3 == 0)
+        calls += 1
+        still = []
+        for (index, request), output in zip(running, outputs, strict=True):
+            if output.finished:
+                finished[index] = output
+            else:
+                assert output.token_ids and len(output.token_ids) % 3 == 0
+                still.append((index, dataclasses.replace(request, resume=output.resume)))
+        running = still
+
+    assert calls > len(requests), "answers paused and resumed"
+    for index, expected in enumerate(alone):
+        output = finished[index]
+        assert (output.token_ids, output.text, output.prompt_tokens) == (
+            expected.token_ids,
+            expected.text,
+            expected.prompt_tokens,
+        )
+        assert "".join(deltas[index]) == output.text
+    assert cached.vision_cache is not None and cached.vision_cache.misses == 4, "each image encoded once"
+
+
+def test_options_that_count_from_the_prompt_never_pause(pipeline: Pipeline) -> None:
+    options = {"max_new_tokens": 6, "min_new_tokens": 3, "do_sample": False}
+
+    [output] = pipeline.run_batch([PipelineRequest([_user("Hi")], options)], pause=lambda: True)
+
+    assert output.finished
+    assert output.token_ids == pipeline.run_batch([PipelineRequest([_user("Hi")], options)])[0].token_ids
 
 
 def test_streamed_deltas_add_up_to_each_final_text(pipeline: Pipeline, images: list[str]) -> None:
@@ -199,7 +257,7 @@ def test_count_text_tokens(pipeline: Pipeline) -> None:
 def test_streaming_decodes_incrementally_and_holds_back_half_characters(pipeline: Pipeline) -> None:
     import torch
 
-    from bot.engine.pipeline import _BatchStreamer
+    from bot.engine.pipeline import _BatchStreamer, _RowText
 
     tokenizer = pipeline.processor.tokenizer
     text = "Ein Bär 🐻 sagt: 你好, привет — ok."
@@ -215,11 +273,12 @@ def test_streaming_decodes_incrementally_and_holds_back_half_characters(pipeline
     tokenizer.decode = counting_decode
     deltas: list[str] = []
     try:
-        streamer = _BatchStreamer(tokenizer, [deltas.append], frozenset({-1}))
+        streamer = _BatchStreamer(tokenizer, [deltas.append], [_RowText()], frozenset({-1}))
         streamer.put(torch.tensor([[0]]))  # the prompt, skipped
         for token_id in ids:
             streamer.put(torch.tensor([token_id]))
         streamer.end()
+        streamer.finish(0)
     finally:
         del tokenizer.decode
 

@@ -109,3 +109,18 @@ def test_positions_count_earlier_requests_and_only_go_down(make) -> None:
     scheduler.finish(items[:2])
     assert [(item.conversation_key, ahead) for item, ahead in scheduler.positions()] == [("d", 0)]
     assert scheduler.take_waiting() == [items[3]] and scheduler.waiting == []
+
+
+def test_requests_join_the_running_batch_under_the_same_rules(make) -> None:
+    scheduler = Scheduler(max_queue_size=8)
+    running = [make("a", cost=100), make("b", cost=100)]
+    for item in running:
+        scheduler.enqueue(item)
+    scheduler.start(scheduler.next_batch(max_size=4), now=0.0)
+    for item in [make("a"), make("c", kwargs=SAMPLED), make("d", cost=100), make("e", cost=200), make("f")]:
+        scheduler.enqueue(item)
+
+    # a is running; c's options differ; e would make it 4 x 200 > 500; the batch holds 4 with d and f.
+    assert conversations(scheduler.next_batch(max_size=4, max_tokens=500, join=True)) == ["d", "f"]
+    assert conversations(scheduler.next_batch(max_size=3, join=True)) == ["d"]
+    assert scheduler.next_batch(max_size=2, join=True) == []

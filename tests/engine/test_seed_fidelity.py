@@ -7,6 +7,8 @@ one fix the product needs: the assistant turn appended to the history is `output
 from __future__ import annotations
 
 import copy
+import dataclasses
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +18,8 @@ from qwen_vl_utils import process_vision_info
 from qwen_vl_utils.vision_process import IMAGE_MAX_TOKEN_NUM, IMAGE_MIN_TOKEN_NUM
 from transformers import AutoProcessor, BatchFeature, Qwen2_5_VLForConditionalGeneration
 
-from bot.engine.pipeline import Pipeline, PipelineRequest
+from bot.engine.pipeline import Pipeline, PipelineOutput, PipelineRequest
+from bot.engine.vision_cache import VisionCache
 from tests.engine.media_files import write_png
 
 MAX_NEW_TOKENS = 12
@@ -109,3 +112,52 @@ def test_pipeline_matches_seed_notebook_turn_by_turn(
 
         assert len(output.token_ids) > 0
         messages.append({"role": "assistant", "content": [{"type": "text", "text": output_text[0]}]})
+
+
+def test_answers_paused_for_newcomers_match_the_seed_notebook(
+    loaded: tuple[Qwen2_5_VLForConditionalGeneration, Any], tmp_path: Path
+) -> None:
+    """Continuous batching: every 2 decode steps the batch pauses and one more conversation joins; every
+    greedy answer is still the notebook's, token for token."""
+    model, processor = loaded
+    eos_ids = set(model.generation_config.eos_token_id)
+    pipeline = Pipeline(
+        model,
+        processor,
+        min_pixels=IMAGE_MIN_TOKEN_NUM * 28 * 28,
+        max_pixels=IMAGE_MAX_TOKEN_NUM * 28 * 28,
+        vision_cache=VisionCache(max_bytes=64 * 1024 * 1024),
+    )
+
+    def user(text: str, image: Path | None = None) -> list[dict]:
+        parts = [{"type": "image", "image": str(image)}] if image is not None else []
+        return [{"role": "user", "content": [*parts, {"type": "text", "text": text}]}]
+
+    conversations = [
+        user("What is on the left side of the picture?", write_png(tmp_path / "a.png", 120, 90)),
+        user("Hello, who are you?"),
+        user("Describe it.", write_png(tmp_path / "b.png", 136, 90, seed=1)),
+    ]
+    seed_answers = []
+    for messages in conversations:
+        ids = _seed_turn(model, processor, messages, GREEDY)[2]
+        seed_answers.append(list(itertools.takewhile(lambda token: token not in eos_ids, ids)))
+
+    steps = itertools.count(1)
+    pending = [(n, PipelineRequest(copy.deepcopy(m), dict(GREEDY))) for n, m in enumerate(conversations)]
+    running: list[tuple[int, PipelineRequest]] = []
+    answers: dict[int, PipelineOutput] = {}
+    while pending or running:
+        if pending:
+            running.append(pending.pop(0))
+        outputs = pipeline.run_batch([request for _, request in running], pause=lambda: next(steps) % 2 == 0)
+        paused = []
+        for (n, request), output in zip(running, outputs, strict=True):
+            if output.finished:
+                answers[n] = output
+            else:
+                paused.append((n, dataclasses.replace(request, resume=output.resume)))
+        running = paused
+
+    assert [answers[n].token_ids for n in range(len(conversations))] == seed_answers
+    assert all(len(answer) > 2 for answer in seed_answers), "every answer was paused at least once"

@@ -75,35 +75,75 @@ def reference(direct_pipeline: Pipeline) -> Callable[[str], PipelineOutput]:
     return answer
 
 
+class StepGate:
+    """Holds one pipeline call at its first decode step until released."""
+
+    def __init__(self, call: int) -> None:
+        self.call = call  # 1 for the first call
+        self.reached = threading.Event()
+        self.released = threading.Event()
+
+    def wrap(self, check: Callable[[], bool] | None) -> Callable[[], bool]:
+        def held() -> bool:
+            if not self.reached.is_set():
+                self.reached.set()
+                assert self.released.wait(timeout=30)
+            return check is not None and check()
+
+        return held
+
+    async def wait_reached(self) -> None:
+        assert await asyncio.to_thread(self.reached.wait, 30)
+
+
 class PipelineSpy:
-    """Wraps `Pipeline.run_batch`: records each call's questions and pixel scale, can hold it at a gate
-    (a slow request) and can raise a fault before the real call (the device failing)."""
+    """Wraps `Pipeline.run_batch`: records each call's questions, pixel scale and answers so far, can hold it
+    at a gate (a slow request) or at its first decode step (a batch running), and can raise a fault before
+    the real call (the device failing)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[list[str], float]] = []
+        self.resumed: list[list[int]] = []  # per call, each request's tokens already generated
         self.gate = threading.Event()
         self.gate.set()
         self.entered = threading.Event()
         self.fault: Callable[[list[str], float], BaseException | None] = lambda questions, scale: None
+        self.step_gate: StepGate | None = None
 
     def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
         original = Pipeline.run_batch
 
-        def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+        def run_batch(
+            pipeline: Pipeline,
+            requests: list[PipelineRequest],
+            *,
+            pixel_scale: float = 1.0,
+            pause: Callable[[], bool] | None = None,
+        ):
             questions = [question_of(request.messages) for request in requests]
             self.calls.append((questions, pixel_scale))
+            self.resumed.append([len(request.resume.ids) if request.resume else 0 for request in requests])
             self.entered.set()
             assert self.gate.wait(timeout=30)
             fault = self.fault(questions, pixel_scale)
             if fault is not None:
                 raise fault
-            return original(pipeline, requests, pixel_scale=pixel_scale)
+            step_gate = self.step_gate
+            if step_gate is not None and step_gate.call == len(self.calls):
+                first, *rest = requests
+                requests = [dataclasses.replace(first, should_stop=step_gate.wrap(first.should_stop)), *rest]
+            return original(pipeline, requests, pixel_scale=pixel_scale, pause=pause)
 
         monkeypatch.setattr(Pipeline, "run_batch", run_batch)
 
     def hold(self) -> None:
         self.gate.clear()
         self.entered.clear()
+
+    def hold_at_step(self, call: int) -> StepGate:
+        """Hold the `call`-th call (1 for the first) at its first decode step."""
+        self.step_gate = StepGate(call)
+        return self.step_gate
 
     async def wait_entered(self) -> None:
         assert await asyncio.to_thread(self.entered.wait, 30)
@@ -285,7 +325,13 @@ async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
     original = Pipeline.run_batch
     scales: list[float] = []
 
-    def run_batch(pipeline: Pipeline, requests: list[PipelineRequest], *, pixel_scale: float = 1.0):
+    def run_batch(
+        pipeline: Pipeline,
+        requests: list[PipelineRequest],
+        *,
+        pixel_scale: float = 1.0,
+        pause: Callable[[], bool] | None = None,
+    ):
         scales.append(pixel_scale)
         if len(scales) == 1:  # the device fails after the second piece of text was streamed
             forward = requests[0].on_text
@@ -300,7 +346,7 @@ async def test_a_retry_after_a_mid_stream_failure_streams_no_text_twice(
                     raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
             requests = [dataclasses.replace(requests[0], on_text=failing)]
-        return original(pipeline, requests, pixel_scale=pixel_scale)
+        return original(pipeline, requests, pixel_scale=pixel_scale, pause=pause)
 
     monkeypatch.setattr(Pipeline, "run_batch", run_batch)
     deltas: list[str] = []
@@ -563,3 +609,111 @@ async def test_stop_of_a_queued_request_ends_it_at_once_with_no_text(
         queued.stop()  # a finished request: nothing happens
 
     assert [questions for questions, _ in spy.calls] == [["running"], ["last"]]
+
+
+LONG = {"max_new_tokens": 40, "do_sample": False}
+JOIN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def long_reference(direct_pipeline: Pipeline) -> Callable[[str], PipelineOutput]:
+    """Long greedy answers of the pipeline run directly, one question at a time."""
+    answers: dict[str, PipelineOutput] = {}
+
+    def answer(question: str) -> PipelineOutput:
+        if question not in answers:
+            answers[question] = direct_pipeline.run_batch([PipelineRequest(ask(question), dict(LONG))])[0]
+            assert len(answers[question].token_ids) > JOIN_STEPS + 1, "long enough to be joined"
+        return answers[question]
+
+    return answer
+
+
+def joining_settings(model_dir: Path) -> Settings:
+    return make_settings(model_dir, max_batch_size=4, batch_wait_ms=0, join_interval_steps=JOIN_STEPS)
+
+
+async def test_a_request_arriving_mid_batch_joins_it_within_the_step_bound(
+    tiny_model_dir: Path, long_reference, spy: PipelineSpy
+) -> None:
+    events: list[str] = []
+    async with running(joining_settings(tiny_model_dir)) as engine:
+        step = spy.hold_at_step(call=1)
+        first = engine.submit(request(QUESTIONS[0], generate_kwargs=LONG))
+        await step.wait_reached()  # the first batch is running: one token generated
+        late = engine.submit(
+            request(QUESTIONS[1], generate_kwargs=LONG, on_text=lambda delta: events.append("late text"))
+        )
+        step.released.set()
+        first_result = await first.result()
+        events.append("first done")
+        late_result = await late.result()
+
+    assert spy.calls == [([QUESTIONS[0]], 1.0), ([QUESTIONS[0], QUESTIONS[1]], 1.0)]
+    assert spy.resumed == [[0], [JOIN_STEPS, 0]], "joined after exactly the bound"
+    assert events.index("late text") < events.index("first done")
+    assert_same(first_result, long_reference(QUESTIONS[0]))
+    assert_same(late_result, long_reference(QUESTIONS[1]))
+    assert late_result.queue_seconds < first_result.generate_seconds
+
+
+@pytest.mark.parametrize(
+    ("fault", "error", "retry_scale"),
+    [
+        (ValueError("the processor refused the newcomer"), GenerationFailed, 1.0),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory"), OutOfMemory, 0.5),
+    ],
+)
+async def test_a_request_failing_in_a_joined_batch_fails_alone(
+    tiny_model_dir: Path,
+    long_reference,
+    spy: PipelineSpy,
+    fault: BaseException,
+    error: type[Exception],
+    retry_scale: float,
+) -> None:
+    spy.fault = lambda questions, scale: fault if "bad" in questions else None
+    deltas: list[str] = []
+    async with running(joining_settings(tiny_model_dir)) as engine:
+        step = spy.hold_at_step(call=1)
+        first = engine.submit(request(QUESTIONS[2], generate_kwargs=LONG, on_text=deltas.append))
+        await step.wait_reached()
+        bad = engine.submit(request("bad", generate_kwargs=LONG))
+        step.released.set()
+        with pytest.raises(error):
+            await bad.result()
+        result = await first.result()
+        stats = engine.stats
+
+    assert spy.calls == [
+        ([QUESTIONS[2]], 1.0),
+        ([QUESTIONS[2], "bad"], 1.0),
+        ([QUESTIONS[2]], retry_scale),  # from the start of its answer
+        (["bad"], retry_scale),
+    ]
+    assert_same(result, long_reference(QUESTIONS[2]))
+    assert "".join(deltas) == result.text, "no text streamed twice"
+    assert (stats.completed, stats.failed) == (1, 1)
+
+
+async def test_stop_on_one_row_of_a_joined_batch_ends_only_that_row(
+    tiny_model_dir: Path, long_reference, spy: PipelineSpy
+) -> None:
+    async with running(joining_settings(tiny_model_dir)) as engine:
+        alone = spy.hold_at_step(call=1)
+        first = engine.submit(request(QUESTIONS[3], generate_kwargs=LONG))
+        await alone.wait_reached()
+        joined = spy.hold_at_step(call=2)
+        late = engine.submit(request(QUESTIONS[4], generate_kwargs=LONG))
+        alone.released.set()
+        await joined.wait_reached()  # the joined batch made its first step
+        first.stop()
+        joined.released.set()
+        stopped, finished = await asyncio.gather(first.result(), late.result())
+
+    assert spy.calls == [([QUESTIONS[3]], 1.0), ([QUESTIONS[3], QUESTIONS[4]], 1.0)]
+    expected = long_reference(QUESTIONS[3])
+    assert stopped.stopped and stopped.token_ids == expected.token_ids[: JOIN_STEPS + 1]
+    assert expected.text.startswith(stopped.text)
+    assert not finished.stopped
+    assert_same(finished, long_reference(QUESTIONS[4]))
