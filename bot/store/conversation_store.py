@@ -26,7 +26,16 @@ from bot.content import ChatMessage, ConversationScope
 from bot.errors import StoreError
 from bot.metrics import Metrics
 from bot.store.database import create_engine_for
-from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
+from bot.store.results import (
+    ConversationStats,
+    FinalStatus,
+    ForgetResult,
+    NewQuestion,
+    NewTurn,
+    PurgeResult,
+    RecordedTurn,
+    UnfinishedQuestion,
+)
 from bot.store.sync_store import SyncStore
 
 T = TypeVar("T")
@@ -123,6 +132,30 @@ class ConversationStore:
     async def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
         """Store a question, its media and its answer in one transaction; a repeated question adds nothing."""
         return await self._run(lambda store: store.record_turn(conversation_id, turn))
+
+    async def accept_question(self, conversation_id: int, question: NewQuestion, *, owner: str) -> int | None:
+        """Keep `question` as pending, answered by `owner` (a process); its id, or None when the same Discord
+        message is already recorded or kept (a re-delivery: answer nothing)."""
+        return await self._run(lambda store: store.accept_question(conversation_id, question, owner))
+
+    async def note_reply(self, question_id: int, discord_message_id: int) -> None:
+        """Remember a Discord message showing the answer (a restart edits it rather than adding one)."""
+        await self._run(lambda store: store.note_reply(question_id, discord_message_id))
+
+    async def finish_question(self, question_id: int, status: FinalStatus) -> None:
+        """End a pending question without an answer: refused with a sentence, or expired after a restart.
+
+        An answered question is completed by `record_turn` (`NewTurn.question_id`), in the same transaction.
+        """
+        await self._run(lambda store: store.finish_question(question_id, status))
+
+    async def unfinished_questions(self, *, not_owner: str) -> list[UnfinishedQuestion]:
+        """Pending questions that another (earlier or other) process owns, oldest first."""
+        return await self._run(lambda store: store.unfinished_questions(not_owner))
+
+    async def claim_question(self, question_id: int, *, from_owner: str, owner: str) -> bool:
+        """Make `owner` answer a pending question `from_owner` owned; False if it is no longer theirs."""
+        return await self._run(lambda store: store.claim_question(question_id, from_owner, owner))
 
     async def set_answer_discord_id(self, assistant_message_id: int, discord_message_id: int) -> bool:
         """Attach the Discord id of a sent answer; False when the message is gone (forgotten meanwhile)."""

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from typing import Literal
 
-from bot.content import ChatMessage
+from bot.content import ChatMessage, ConversationScope
+
+QuestionKind = Literal["message", "command"]
+FinalStatus = Literal["failed", "expired"]  # "answered" is written only by `record_turn`
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +20,36 @@ class NewTurn:
     answer_text: str
     question_discord_id: int | None = None  # a repeated id records nothing: Discord may deliver twice
     answer_discord_id: int | None = None
+    question_id: int | None = None  # the durable question this answers: completed in the same transaction
+
+
+@dataclass(frozen=True, slots=True)
+class NewQuestion:
+    """A question to keep until it is finished (`ConversationStore.accept_question`).
+
+    `attachments` are the announced attachments (url, filename, size, content_type) of the message
+    `attachments_message_id`, which is fetched again for fresh URLs when the question is answered again.
+    """
+
+    discord_message_id: int
+    kind: QuestionKind
+    channel_id: int
+    asker_id: int
+    text: str
+    attachments: tuple[dict[str, str | int | None], ...] = ()
+    attachments_message_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedQuestion:
+    """A pending question as stored, with its conversation's scope and the reply messages made so far."""
+
+    id: int
+    scope: ConversationScope
+    question: NewQuestion
+    reply_ids: tuple[int, ...]
+    owner: str
+    created_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
