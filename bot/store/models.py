@@ -138,7 +138,8 @@ class Question(Base):
     conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
     discord_message_id: Mapped[int] = mapped_column(BigInteger)
     kind: Mapped[str] = mapped_column(String(16))
-    channel_id: Mapped[int] = mapped_column(BigInteger)  # where the answer goes
+    channel_id: Mapped[int] = mapped_column(BigInteger)  # where the question was asked
+    reply_channel_id: Mapped[int] = mapped_column(BigInteger)  # where its answer goes (maybe a new thread)
     asker_id: Mapped[int] = mapped_column(BigInteger)
     text: Mapped[str] = mapped_column(Text)
     attachments: Mapped[list[dict[str, str | int | None]]] = mapped_column(JSON)

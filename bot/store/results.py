@@ -33,7 +33,8 @@ class NewQuestion:
 
     discord_message_id: int
     kind: QuestionKind
-    channel_id: int
+    channel_id: int  # where it was asked
+    reply_channel_id: int  # where the answer goes: the same channel, or a thread opened for it
     asker_id: int
     text: str
     attachments: tuple[dict[str, str | int | None], ...] = ()

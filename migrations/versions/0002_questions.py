@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("discord_message_id", sa.BigInteger(), nullable=False),
         sa.Column("kind", sa.String(length=16), nullable=False),
         sa.Column("channel_id", sa.BigInteger(), nullable=False),
+        sa.Column("reply_channel_id", sa.BigInteger(), nullable=False),
         sa.Column("asker_id", sa.BigInteger(), nullable=False),
         sa.Column("text", sa.Text(), nullable=False),
         sa.Column("attachments", sa.JSON(), nullable=False),

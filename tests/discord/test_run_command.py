@@ -61,6 +61,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    terminated = False  # a second SIGTERM would make it exit at once
     try:
         await fake.wait_connected(timeout=120)
         await fake.wait_for_request(lambda request: request.method == "PUT", timeout=30)  # commands synced
@@ -79,6 +80,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         # Stopped while that answer waits for its image: it is still delivered before the bot disconnects,
         # and a question arriving meanwhile is told to come back.
         process.send_signal(signal.SIGTERM)
+        terminated = True
         await asyncio.sleep(0.5)
         await fake.send_message(channel, alice, f"{fake.bot.mention} still there?")
         told = await fake.wait_for_message(channel, lambda m: m["content"] == EngineStopped.user_message)
@@ -90,7 +92,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         assert reply["content"].strip() and told["id"] != reply["id"]
         assert (tmp_path / "data" / "bot.sqlite3").is_file()
     finally:
-        if process.returncode is None:
+        if process.returncode is None and not terminated:
             process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
         await fake.close()

@@ -16,6 +16,7 @@ def asked(discord_id: int = 500, *, kind: str = "message") -> NewQuestion:
         discord_message_id=discord_id,
         kind="command" if kind == "command" else "message",
         channel_id=11,
+        reply_channel_id=11,
         asker_id=42,
         text="what is this?",
         attachments=(ATTACHMENT,),
