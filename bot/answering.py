@@ -415,7 +415,7 @@ class AnswerService:
         await self._store.note_reply(durable_id, discord_message_id)
 
     async def finish_kept(self, durable_id: int, status: FinalStatus) -> None:
-        """End a kept question that got a sentence instead of an answer."""
+        """End a kept question: its answer is shown in full, or it got a sentence instead."""
         await self._store.finish_question(durable_id, status)
 
     async def unfinished(self) -> list[UnfinishedQuestion]:

@@ -31,7 +31,7 @@ from bot.discord.stopping import RunningAnswers, stop_controls
 from bot.discord.triggers import parent_scope
 from bot.errors import BotError, EngineStopped
 from bot.settings import DiscordSettings
-from bot.store import NewQuestion
+from bot.store import FinalStatus, NewQuestion
 
 log = logging.getLogger("bot.discord.delivery")
 
@@ -214,18 +214,20 @@ async def deliver(
         except BotError as exc:
             log.info("could not answer in %s: %r", question.scope.key, exc)
             await present_error(reply, exc.user_message)
-            await _finish_kept(service, durable_id)
+            await _finish_kept(service, durable_id, "failed")
             return
         except Exception:
             log.exception("unexpected failure while answering in %s", question.scope.key)
             await present_error(reply, GENERIC_FAILURE)
-            await _finish_kept(service, durable_id)
+            await _finish_kept(service, durable_id, "failed")
             return
         if answer.duplicate:
             log.info("message %s in %s was already answered", question.discord_message_id, question.scope.key)
             await reply.finish("")
+            await _finish_kept(service, durable_id, "shown")
             return
         messages = await reply.finish(answer.text)
+        await _finish_kept(service, durable_id, "shown")
         if not messages:
             log.warning("the answer in %s could not be posted", question.scope.key)
             return
@@ -258,12 +260,12 @@ def _noting(service: AnswerService, durable_id: int) -> Callable[[discord.Messag
     return note
 
 
-async def _finish_kept(service: AnswerService, durable_id: int | None) -> None:
-    """Mark a kept question as told (its sentence is shown): a restart leaves it alone."""
+async def _finish_kept(service: AnswerService, durable_id: int | None, status: FinalStatus) -> None:
+    """Mark a kept question as finished (its answer or sentence is shown): a restart leaves it alone."""
     if durable_id is None:
         return
     try:
-        await service.finish_kept(durable_id, "failed")
+        await service.finish_kept(durable_id, status)
     except BotError as exc:
         log.warning("could not mark question %s as finished: %r", durable_id, exc)
 

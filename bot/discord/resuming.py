@@ -2,11 +2,12 @@
 
 It runs once, when the gateway is first ready. Only questions of this process's shards are taken (a guild's
 shard is `(guild_id >> 22) % shard_count`, DMs are shard 0), each claimed in the store first, so one process
-answers it. A message asked less than `discord.resume_window_seconds` ago is answered again into the reply
-messages the earlier process made (fetched, then edited), its attachments fetched again from their message
-for fresh CDN URLs. An older one, and every slash command (its interaction token died with the process),
-gets its reply edited to `ASK_AGAIN_AFTER_RESTART`, or a new reply when it had none. The questions of one
-conversation go in the order they were asked.
+answers it. A question whose answer was recorded but not yet shown in full gets the recorded answer. A
+message asked less than `discord.resume_window_seconds` ago is answered again into the reply messages the
+earlier process made (fetched, then edited), its attachments fetched again from their message for fresh CDN
+URLs. An older one, and every slash command (its interaction token died with the process), gets its reply
+edited to `ASK_AGAIN_AFTER_RESTART`, or a new reply when it had none. The questions of one conversation go
+in the order they were asked.
 """
 
 from __future__ import annotations
@@ -19,9 +20,9 @@ from collections.abc import Sequence
 
 import discord
 
-from bot.answering import AttachmentRef, Question
+from bot.answering import AttachmentRef, Question, display_text
 from bot.discord.delivery import Serving, deliver
-from bot.discord.replies import CONNECTION_GONE, ChannelTarget, fetch_message
+from bot.discord.replies import CONNECTION_GONE, ChannelTarget, StreamingReply, fetch_message
 from bot.discord.triggers import attachment_refs
 from bot.errors import BotError
 from bot.store import UnfinishedQuestion
@@ -72,6 +73,9 @@ async def _resume(client: discord.AutoShardedClient, bot: Serving, item: Unfinis
     asked = item.question
     channel = _messageable(client, asked.reply_channel_id, item.scope.guild_id)
     same_channel = asked.channel_id == asked.reply_channel_id
+    if item.answer_text is not None:
+        await _show_recorded(bot, channel, item, same_channel=same_channel)
+        return
     age = (discord.utils.utcnow() - item.created_at).total_seconds()
     if asked.kind == "command" or age > bot.discord_settings.resume_window_seconds:
         await _tell_ask_again(channel, item, reference=same_channel)
@@ -103,6 +107,26 @@ async def _resume(client: discord.AutoShardedClient, bot: Serving, item: Unfinis
         typing_in=channel,
         reply_ids=item.reply_ids,
     )
+
+
+async def _show_recorded(
+    bot: Serving, channel: discord.PartialMessageable, item: UnfinishedQuestion, *, same_channel: bool
+) -> None:
+    """Show a recorded answer in the question's reply (its earlier messages edited), then mark it shown."""
+    asked = item.question
+    reference = channel.get_partial_message(asked.discord_message_id) if same_channel else None
+    target = ChannelTarget(channel, reference)
+    existing = [message for message_id in item.reply_ids if (message := await target.fetch(message_id))]
+    settings = bot.discord_settings
+    async with StreamingReply(
+        target,
+        interval=settings.stream_edit_interval_seconds,
+        max_messages=settings.answer_file_after_messages,
+        existing=existing,
+        nonce=str(asked.discord_message_id),
+    ) as reply:
+        await reply.finish(display_text(item.answer_text) if item.answer_text else ASK_AGAIN_AFTER_RESTART)
+    await bot.service.finish_kept(item.id, "shown")
 
 
 def _messageable(

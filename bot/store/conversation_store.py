@@ -143,14 +143,16 @@ class ConversationStore:
         await self._run(lambda store: store.note_reply(question_id, discord_message_id))
 
     async def finish_question(self, question_id: int, status: FinalStatus) -> None:
-        """End a pending question without an answer: refused with a sentence, or expired after a restart.
+        """End a kept question: an answered one once its answer is shown in full (`shown`), a pending one
+        refused with a sentence (`failed`) or given up after a restart (`expired`).
 
-        An answered question is completed by `record_turn` (`NewTurn.question_id`), in the same transaction.
+        A question is marked answered by `record_turn` (`NewTurn.question_id`), in the turn's transaction.
         """
         await self._run(lambda store: store.finish_question(question_id, status))
 
     async def unfinished_questions(self, *, not_owner: str) -> list[UnfinishedQuestion]:
-        """Pending questions that another (earlier or other) process owns, oldest first."""
+        """Questions another (earlier or other) process owns and did not finish, oldest first: pending ones,
+        and answered ones whose answer was not shown in full (with `answer_text`)."""
         return await self._run(lambda store: store.unfinished_questions(not_owner))
 
     async def claim_question(self, question_id: int, *, from_owner: str, owner: str) -> bool:

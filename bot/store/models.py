@@ -118,18 +118,16 @@ class MessageMedia(Base):
     )
 
 
-QUESTION_STATUSES = ("pending", "answered", "failed", "expired")
-
-
 class Question(Base):
-    """A question accepted on Discord: `pending` until answered (`answered`), refused with a sentence
-    (`failed`) or given up after a restart (`expired`). `owner` names the process answering it;
-    `reply_ids` are the Discord messages showing its answer, in order, as they are created."""
+    """A question accepted on Discord: `pending` until its answer is recorded (`answered`, in the turn's
+    transaction) and then shown in full (`shown`), or until it is refused with a sentence (`failed`) or given
+    up after a restart (`expired`). `owner` names the process answering it; `reply_ids` are the Discord
+    messages showing its answer, in order, as they are created."""
 
     __tablename__ = "questions"
     __table_args__ = (
         UniqueConstraint("conversation_id", "discord_message_id"),
-        CheckConstraint("status IN ('pending', 'answered', 'failed', 'expired')", name="status"),
+        CheckConstraint("status IN ('pending', 'answered', 'shown', 'failed', 'expired')", name="status"),
         CheckConstraint("kind IN ('message', 'command')", name="kind"),
         Index("ix_questions_status_created_at", "status", "created_at"),
     )

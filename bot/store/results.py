@@ -9,7 +9,7 @@ from typing import Literal
 from bot.content import ChatMessage, ConversationScope
 
 QuestionKind = Literal["message", "command"]
-FinalStatus = Literal["failed", "expired"]  # "answered" is written only by `record_turn`
+FinalStatus = Literal["shown", "failed", "expired"]  # "answered" is written only by `record_turn`
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +51,7 @@ class UnfinishedQuestion:
     reply_ids: tuple[int, ...]
     owner: str
     created_at: datetime
+    answer_text: str | None = None  # recorded, not yet shown in full: show this rather than answer again
 
 
 @dataclass(frozen=True, slots=True)

@@ -193,10 +193,11 @@ class SyncStore:
                 row.reply_ids = [*row.reply_ids, discord_id]
 
     def finish_question(self, question_id: int, status: FinalStatus) -> None:
+        before = "answered" if status == "shown" else "pending"
         with self._sessions.begin() as session:
             session.execute(
                 update(Question)
-                .where(Question.id == question_id, Question.status == "pending")
+                .where(Question.id == question_id, Question.status == before)
                 .values(status=status)
             )
 
@@ -205,16 +206,23 @@ class SyncStore:
             rows = session.execute(
                 select(Question, Conversation)
                 .join(Conversation, Conversation.id == Question.conversation_id)
-                .where(Question.status == "pending", Question.owner != not_owner)
+                .where(Question.status.in_(("pending", "answered")), Question.owner != not_owner)
                 .order_by(Question.created_at, Question.id)
             ).all()
-            return [_unfinished(question, conversation) for question, conversation in rows]
+            return [
+                _unfinished(question, conversation, _answer_text(session, question))
+                for question, conversation in rows
+            ]
 
     def claim_question(self, question_id: int, from_owner: str, owner: str) -> bool:
         with self._sessions.begin() as session:
             statement = (
                 update(Question)
-                .where(Question.id == question_id, Question.status == "pending", Question.owner == from_owner)
+                .where(
+                    Question.id == question_id,
+                    Question.status.in_(("pending", "answered")),
+                    Question.owner == from_owner,
+                )
                 .values(owner=owner)
             )
             return _rowcount(session, statement) > 0
@@ -271,7 +279,9 @@ class SyncStore:
                 session.execute(delete(MessageMedia).where(MessageMedia.message_id.in_(old_ids)))
                 deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
                 session.execute(
-                    delete(Question).where(Question.created_at < cutoff, Question.status != "pending")
+                    delete(Question).where(
+                        Question.created_at < cutoff, Question.status.not_in(("pending", "answered"))
+                    )
                 )
             paths = _delete_orphan_media(session, None)
         self._unlink(paths, keep_files)
@@ -442,10 +452,27 @@ def _question_id(session: Session, conversation_id: int, discord_id: int) -> int
 def _complete_question(session: Session, question_id: int | None) -> None:
     """Mark the durable question answered (in the transaction that records its turn)."""
     if question_id is not None:
-        session.execute(update(Question).where(Question.id == question_id).values(status="answered"))
+        session.execute(
+            update(Question)
+            .where(Question.id == question_id, Question.status == "pending")
+            .values(status="answered")
+        )
 
 
-def _unfinished(question: Question, conversation: Conversation) -> UnfinishedQuestion:
+def _answer_text(session: Session, question: Question) -> str | None:
+    """The recorded answer of an `answered` question (None for a pending one)."""
+    if question.status != "answered":
+        return None
+    turn = _recorded_turn(session, question.conversation_id, question.discord_message_id)
+    answer = session.get(Message, turn.assistant_message_id) if turn is not None else None
+    if answer is None or answer.role != "assistant":
+        return ""  # forgotten meanwhile (a /reset): nothing left to show
+    return "".join(part["text"] for part in answer.content if part["type"] == "text")
+
+
+def _unfinished(
+    question: Question, conversation: Conversation, answer_text: str | None
+) -> UnfinishedQuestion:
     scope = ConversationScope(
         cast(Platform, conversation.platform),
         conversation.channel_id,
@@ -468,6 +495,7 @@ def _unfinished(question: Question, conversation: Conversation) -> UnfinishedQue
         reply_ids=tuple(question.reply_ids),
         owner=question.owner,
         created_at=_aware(question.created_at),
+        answer_text=answer_text,
     )
 
 

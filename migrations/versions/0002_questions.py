@@ -36,7 +36,7 @@ def upgrade() -> None:
         sa.Column("owner", sa.String(length=32), nullable=False),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.CheckConstraint(
-            "status IN ('pending', 'answered', 'failed', 'expired')", name="ck_questions_status"
+            "status IN ('pending', 'answered', 'shown', 'failed', 'expired')", name="ck_questions_status"
         ),
         sa.CheckConstraint("kind IN ('message', 'command')", name="ck_questions_kind"),
         sa.ForeignKeyConstraint(

@@ -36,6 +36,7 @@ async def test_an_accepted_question_is_unfinished_for_other_processes_only(store
     (unfinished,) = await store.unfinished_questions(not_owner="new")
     assert unfinished.id == question_id and unfinished.scope == scope(11) and unfinished.owner == "old"
     assert unfinished.question == asked() and unfinished.reply_ids == (900, 901)
+    assert unfinished.answer_text is None  # not answered yet
     assert abs(unfinished.created_at - datetime.now(UTC)) < timedelta(minutes=1)
 
 
@@ -48,11 +49,18 @@ async def test_a_question_is_kept_once_per_discord_message(store: ConversationSt
     assert await store.accept_question(other, asked(), owner="a") is not None  # ids are per conversation
 
 
-async def test_recording_the_turn_completes_the_question(store: ConversationStore) -> None:
+async def test_recording_the_turn_answers_the_question_and_showing_it_finishes_it(
+    store: ConversationStore,
+) -> None:
     conversation = await store.conversation_for(scope(11))
     question_id = await store.accept_question(conversation, asked(), owner="a")
+    assert question_id is not None
     turn = NewTurn(question("what is this?"), "a cat", question_discord_id=500, question_id=question_id)
     await store.record_turn(conversation, turn)
+    # Recorded, not yet shown in full (a crash before the final edit): the next start shows the recorded text.
+    (unfinished,) = await store.unfinished_questions(not_owner="b")
+    assert unfinished.id == question_id and unfinished.answer_text == "a cat"
+    await store.finish_question(question_id, "shown")
     assert await store.unfinished_questions(not_owner="b") == []
     # Delivered again after it was answered: nothing to keep, nothing to answer.
     assert await store.accept_question(conversation, asked(), owner="b") is None
@@ -74,6 +82,7 @@ async def test_finished_questions_are_not_unfinished(store: ConversationStore) -
     assert failed is not None and expired is not None and pending is not None
     await store.finish_question(failed, "failed")
     await store.finish_question(expired, "expired")
+    await store.finish_question(pending, "shown")  # only an answered question can be shown
     assert [q.id for q in await store.unfinished_questions(not_owner="b")] == [pending]
 
 
