@@ -4,6 +4,12 @@ The flow is one way: validate the question → find (or fork) its conversation �
 history window → build the Qwen `messages` → generate on the engine → record the whole turn atomically.
 Failures raise `bot.errors.BotError` subclasses whose `user_message` the caller shows; nothing is stored
 unless the answer is complete.
+
+A turn the database refuses for a passing reason (locked by another process, busy, connection lost) does not
+cost the answer: it is returned at once with `Answer.recording` set, and the write is retried in the
+background for `storage.write_retry_seconds`. Writes stay in order per conversation: the conversation's next
+question (and a reset) waits for that write before it loads the history, so it sees the turn when it was
+stored. Only when the retries give up does the caller add `UNSAVED_NOTE` to the answer it shows.
 """
 
 from __future__ import annotations
@@ -85,12 +91,39 @@ class Question:
 
 @dataclass(frozen=True, slots=True)
 class Answer:
-    """The answer to show (never empty) and where it was recorded."""
+    """The answer to show (never empty) and where it was recorded.
+
+    `recording` is set when the turn's first write failed for a passing reason and is being retried: it ends
+    with the answer's message id once stored, or None when the store gave up (show `with_unsaved_note`).
+    """
 
     text: str
-    assistant_message_id: int | None  # None: a duplicate, or an answer the store failed to record
+    assistant_message_id: int | None  # None: a duplicate, a turn not stored, or one still being retried
     duplicate: bool = False
     stopped: bool = False  # ended early by `stop`: the text so far, recorded as the turn
+    recording: asyncio.Task[int | None] | None = None
+
+    async def stored_id(self) -> int | None:
+        """The stored answer's message id, once any retried write has ended; None when it was not stored.
+
+        Cancelling the caller leaves the write going on.
+        """
+        if self.recording is None:
+            return self.assistant_message_id
+        await asyncio.wait({self.recording})
+        return _recorded_id(self.recording)
+
+
+def _recorded_id(recording: asyncio.Task[int | None]) -> int | None:
+    """A finished retried write's message id; None when it gave up, failed otherwise or was cancelled."""
+    if recording.cancelled() or recording.exception() is not None:
+        return None
+    return recording.result()
+
+
+def with_unsaved_note(text: str) -> str:
+    """An answer's text with the note that its turn could not be saved."""
+    return text + UNSAVED_NOTE
 
 
 @dataclass(slots=True)
@@ -158,6 +191,8 @@ class AnswerService:
         self._engine = engine
         self._metrics = metrics or Metrics()
         self._conversation_locks = _KeyedLocks()
+        # conversation key → the write of its last turn, still being retried (see `_record_later`)
+        self._pending_writes: dict[str, asyncio.Task[int | None]] = {}
         self._in_flight: set[tuple[str, int]] = set()
         # sha256 → questions in flight holding that media file (a reset elsewhere must not delete it).
         self._held_media: Counter[str] = Counter()
@@ -193,12 +228,16 @@ class AnswerService:
             raise
         if answer.duplicate:
             self._metrics.question_finished("duplicate")
+            return answer
+        self._metrics.answered(time.monotonic() - started)
+        if answer.recording is None:
+            self._metrics.question_finished(_outcome(answer, stored=answer.assistant_message_id is not None))
         else:
-            self._metrics.answered(time.monotonic() - started)
-            if answer.assistant_message_id is None:
-                self._metrics.question_finished("unsaved")
-            else:
-                self._metrics.question_finished("stopped" if answer.stopped else "answered")
+            answer.recording.add_done_callback(
+                lambda done: self._metrics.question_finished(
+                    _outcome(answer, stored=_recorded_id(done) is not None)
+                )
+            )
         return answer
 
     def _timing_first_text(
@@ -231,17 +270,23 @@ class AnswerService:
         task = asyncio.current_task()
         assert task is not None
         watcher = asyncio.ensure_future(_route_stop(stop, listeners, task)) if stop is not None else None
+        recording: asyncio.Task[int | None] | None = None
         try:
-            return await self._answer(question, listeners)
+            answer = await self._answer(question, listeners)
+            recording = answer.recording
+            return answer
         except asyncio.CancelledError:
             if not listeners.stopped_waiting:
                 raise
             task.uncancel()
             raise AnswerStopped("stopped while waiting") from None
         finally:
-            self._in_flight.discard(in_flight_key)
             if watcher is not None:
                 watcher.cancel()
+            if recording is None:
+                self._in_flight.discard(in_flight_key)
+            else:  # Discord delivering the question again meanwhile must not find it unrecorded
+                recording.add_done_callback(lambda _: self._in_flight.discard(in_flight_key))
 
     async def _answer(self, question: Question, listeners: _Listeners) -> Answer:
         conversation_id = await self._conversation_id(question)
@@ -258,20 +303,27 @@ class AnswerService:
         # so a question whose images download slowly is never overtaken by a later one.
         held: list[str] = []
         downloads = asyncio.ensure_future(self._download(question, held))
+        recording: asyncio.Task[int | None] | None = None
         try:
             if waiting and listeners.on_queue_position is not None:
                 listeners.on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
                 media = await downloads
-                return await self._generate_and_record(
+                await self._pending_write(key)
+                answer = await self._generate_and_record(
                     question, conversation_id, _user_message(question, media), listeners
                 )
+                recording = answer.recording
+                return answer
         finally:
             if not downloads.done():
                 downloads.cancel()
             elif not downloads.cancelled():
                 downloads.exception()  # retrieved: a failure raised above is not reported twice
-            self._release(held)
+            if recording is None:
+                self._release(held)
+            else:  # the files stay held until their turn is recorded or given up
+                recording.add_done_callback(lambda _: self._release(held))
 
     async def _hold(self, stored: Awaitable[StoredMedia], held: list[str]) -> StoredMedia:
         """`stored`'s media, marked as used by a question in flight (see `_release`) as soon as it is stored.
@@ -349,20 +401,26 @@ class AnswerService:
         self._metrics.tokens_generated(result.completion_tokens)
         if result.stopped and not has_visible_text(result.text):
             raise AnswerStopped("stopped before any text")
+        shown = display_text(result.text) + (STOPPED_NOTE if result.stopped else "")
+        turn = NewTurn(
+            user_message,
+            result.text,
+            question_discord_id=question.discord_message_id,
+            question_id=question.durable_id,
+        )
         try:
-            recorded = await self._store.record_turn(
-                conversation_id,
-                NewTurn(
-                    user_message,
-                    result.text,
-                    question_discord_id=question.discord_message_id,
-                    question_id=question.durable_id,
-                ),
-            )
-        except StoreError as exc:  # the answer is written: show it, and say it will not be remembered
-            log.error("could not store the answer in %s: %s", key, exc)
-            shown = display_text(result.text) + (STOPPED_NOTE if result.stopped else "")
-            return Answer(text=shown + UNSAVED_NOTE, assistant_message_id=None, stopped=result.stopped)
+            recorded = await self._store.record_turn(conversation_id, turn)
+        except StoreError as exc:  # the answer is written: show it, and say if it will not be remembered
+            retry_seconds = self._settings.storage.write_retry_seconds
+            if not exc.transient or retry_seconds <= 0:
+                log.error("could not store the answer in %s: %s", key, exc)
+                return Answer(
+                    text=with_unsaved_note(shown), assistant_message_id=None, stopped=result.stopped
+                )
+            log.warning("could not store the answer in %s yet, retrying for %gs: %s", key, retry_seconds, exc)
+            recording = asyncio.create_task(self._record_later(key, conversation_id, turn))
+            self._pending_writes[key] = recording
+            return Answer(text=shown, assistant_message_id=None, stopped=result.stopped, recording=recording)
         if not recorded.duplicate:  # else another process stored it first, and this answer is dropped
             log.info(
                 "answered in %s: %d prompt tokens, %d new tokens, %.2fs queued, %.2fs generating",
@@ -373,11 +431,40 @@ class AnswerService:
                 result.generate_seconds,
             )
         return Answer(
-            text=display_text(result.text) + (STOPPED_NOTE if result.stopped else ""),
+            text=shown,
             assistant_message_id=recorded.assistant_message_id,
             duplicate=recorded.duplicate,
             stopped=result.stopped,
         )
+
+    async def _record_later(self, key: str, conversation_id: int, turn: NewTurn) -> int | None:
+        """Retry a turn's write; its answer's message id, or None when the store gave up."""
+        try:
+            recorded = await self._store.retry_record_turn(
+                conversation_id, turn, within=self._settings.storage.write_retry_seconds
+            )
+        except StoreError as exc:
+            log.error("gave up storing the answer in %s: %s", key, exc)
+            return None
+        finally:
+            if self._pending_writes.get(key) is asyncio.current_task():
+                del self._pending_writes[key]
+        log.info("stored the answer in %s after retrying", key)
+        return recorded.assistant_message_id
+
+    async def _pending_write(self, key: str) -> None:
+        """Wait for the retried write of the conversation's last turn, if any (the caller holds its lock)."""
+        pending = self._pending_writes.get(key)
+        if pending is not None:
+            await asyncio.wait({pending})
+
+    async def finish_writes(self) -> None:
+        """Wait for the retried writes to end (each within `storage.write_retry_seconds`); call it before the
+        store closes."""
+        pending = set(self._pending_writes.values())
+        if pending:
+            log.info("waiting for %d answers to be stored", len(pending))
+            await asyncio.wait(pending)
 
     def check(self, question: Question) -> None:
         """Raise the InputError `question` would meet, before any work is done for it."""
@@ -429,9 +516,11 @@ class AnswerService:
         )
 
     async def attach_reply(self, answer: Answer, discord_message_id: int) -> None:
-        """Remember which Discord message carries `answer`, so threads started from it find their context."""
-        if answer.assistant_message_id is not None:
-            await self._store.set_answer_discord_id(answer.assistant_message_id, discord_message_id)
+        """Remember which Discord message carries `answer`, so threads started from it find their context
+        (once a retried write has stored it)."""
+        assistant_message_id = await answer.stored_id()
+        if assistant_message_id is not None:
+            await self._store.set_answer_discord_id(assistant_message_id, discord_message_id)
 
     async def reset(self, scope: ConversationScope) -> ForgetResult:
         """Forget the conversation of `scope` (its messages and media no one else uses).
@@ -439,6 +528,7 @@ class AnswerService:
         Waits for the answer in progress there, so that answer cannot be recorded after the reset.
         """
         async with self._conversation_locks.hold(scope.key):
+            await self._pending_write(scope.key)
             conversation_id = await self._store.find_conversation(scope)
             if conversation_id is None:
                 return ForgetResult(messages_deleted=0, media_deleted=0)
@@ -460,6 +550,13 @@ class AnswerService:
         return await self._store.purge_older_than(
             self._settings.history.retention, keep_files=frozenset(self._held_media)
         )
+
+
+def _outcome(answer: Answer, *, stored: bool) -> str:
+    """How the metrics count a question that got `answer`."""
+    if not stored:
+        return "unsaved"
+    return "stopped" if answer.stopped else "answered"
 
 
 def display_text(model_output: str) -> str:

@@ -89,7 +89,9 @@ async def running_service(
             started = time.monotonic()
             await engine.start()
             metrics.engine_started(time.monotonic() - started)
+            service = AnswerService(settings, store, media, engine, metrics=metrics)
             try:
-                yield AnswerService(settings, store, media, engine, metrics=metrics)
+                yield service
             finally:
+                await service.finish_writes()
                 await engine.stop()

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-from bot.answering import AnswerService, Question
+from bot.answering import UNSAVED_NOTE, AnswerService, Question
 from bot.app import running_service
 from bot.content import ConversationScope
 from bot.errors import BotError
@@ -97,6 +97,8 @@ async def _ask(
     if not "".join(streamed).strip():
         print(answer.text, end="", file=out)
     print(file=out, flush=True)
+    if answer.recording is not None and await answer.stored_id() is None:
+        print(UNSAVED_NOTE.strip(), file=out, flush=True)
     return 0
 
 

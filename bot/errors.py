@@ -30,7 +30,7 @@ BotError                      base; `user_message` is safe to show on Discord
 │       ├── ContextTooLong       the server says the prompt exceeds the model's context
 │       ├── ServerRejected       any other 4xx (bad key, unknown model, invalid request)
 │       └── AnswerIncomplete     the stream broke after some text was shown; carries that text
-└── StoreError                the database failed
+└── StoreError                the database failed; `transient` when a retry may succeed (locked, busy, lost)
 """
 
 from __future__ import annotations
@@ -239,6 +239,10 @@ class AnswerIncomplete(ServerError):
 
 class StoreError(BotError):
     user_message = "I couldn't save our conversation, so I didn't answer. Please try again in a moment."
+
+    def __init__(self, detail: str = "", *, transient: bool = False) -> None:
+        super().__init__(detail)
+        self.transient = transient  # the database was locked, busy or unreachable: a retry may succeed
 
 
 def format_bytes(count: int) -> str:

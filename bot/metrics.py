@@ -15,8 +15,10 @@ at each scrape, so they have one owner. `bot.health` serves `registry` at /metri
     qwenbot_model_load_seconds               how long the engine took to start (model load, or server check)
     qwenbot_media_bytes                      bytes received per attachment (histogram)
     qwenbot_media_failures_total{error}      attachments refused, by error class
+    qwenbot_media_decode_waits_total         images whose decode waited for others to free memory
     qwenbot_discord_http_errors_total{status}  Discord REST responses >= 400 by status (429: rate limited)
     qwenbot_store_errors_total{error}        database operations that failed, by SQLAlchemy error class
+    qwenbot_store_write_retries_total        tries again of turns the database refused for a passing reason
 """
 
 from __future__ import annotations
@@ -76,6 +78,11 @@ class Metrics:
             ("error",),
             registry=registry,
         )
+        self._media_decode_waits = Counter(
+            f"{PREFIX}_media_decode_waits_total",
+            "Images whose decode waited for others to finish (their pixels together were over the cap)",
+            registry=registry,
+        )
         self._discord_http_errors = Counter(
             f"{PREFIX}_discord_http_errors_total",
             "Discord REST responses with status 400 or above, by status (429: rate limited)",
@@ -86,6 +93,11 @@ class Metrics:
             f"{PREFIX}_store_errors_total",
             "Database operations that failed, by error class",
             ("error",),
+            registry=registry,
+        )
+        self._store_write_retries = Counter(
+            f"{PREFIX}_store_write_retries_total",
+            "Tries again of turns whose write failed for a passing reason (database locked, busy, lost)",
             registry=registry,
         )
         self._engine = _EngineCollector()
@@ -129,11 +141,19 @@ class Metrics:
         """An attachment was refused with `error`."""
         self._media_failures.labels(type(error).__name__).inc()
 
+    def media_decode_waited(self) -> None:
+        """An image's decode waited for others to finish before it started."""
+        self._media_decode_waits.inc()
+
     # -- store ---------------------------------------------------------------------------------------------
 
     def store_failed(self, error: Exception) -> None:
         """A database operation failed with `error` (SQLAlchemy's exception)."""
         self._store_errors.labels(type(error).__name__).inc()
+
+    def store_write_retried(self) -> None:
+        """A turn's write is tried again after a transient failure."""
+        self._store_write_retries.inc()
 
     # -- Discord -------------------------------------------------------------------------------------------
 

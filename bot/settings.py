@@ -134,6 +134,8 @@ class StorageSettings(_Section):
     database_url: str | None = None  # None: sqlite file `<data_dir>/bot.sqlite3`
     media_dir: Path | None = None  # None: `<data_dir>/media`
     sqlite_busy_timeout_ms: int = Field(default=5000, ge=0)
+    # A turn the database refused for a passing reason (locked, busy, connection lost) is retried this long.
+    write_retry_seconds: float = Field(default=30.0, ge=0)
 
     @property
     def resolved_database_url(self) -> str:

@@ -531,3 +531,82 @@ async def test_stop_before_generation_ends_the_wait_and_stores_nothing(
     stats = await service.stats(CHANNEL)
     assert stats.turns == 1
     assert wiring.questions("stopped", "") == 1
+
+
+@asynccontextmanager
+async def locked_later(settings: Settings) -> AsyncIterator[tuple[Wiring, sqlite3.Connection]]:
+    """The service, and another connection to its database: `BEGIN IMMEDIATE` there holds the write lock, as
+    another process writing for long would (rolled back at the end)."""
+    async with wired(settings) as parts:
+        holder = sqlite3.connect(settings.storage.data_dir / "bot.sqlite3", isolation_level=None)
+        try:
+            yield parts, holder
+        finally:
+            if holder.in_transaction:
+                holder.execute("ROLLBACK")
+            holder.close()
+
+
+def _busy_settings(tiny_model_dir: Path, tmp_path: Path, retry_seconds: float) -> Settings:
+    storage = {"sqlite_busy_timeout_ms": 50, "write_retry_seconds": retry_seconds}
+    return tiny_settings(tiny_model_dir, tmp_path / "data", storage=storage)
+
+
+def _user_texts(messages: list[dict]) -> list[str]:
+    return [m["content"][-1]["text"] for m in messages if m["role"] == "user"]
+
+
+async def test_a_locked_database_keeps_the_answer_and_stores_it_in_order_once_free(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with locked_later(_busy_settings(tiny_model_dir, tmp_path, retry_seconds=60)) as (parts, lock):
+        service, spy = parts.service, parts.engine
+        # Both conversations exist before the lock: creating one is a write too.
+        await service.answer(Question(scope=CHANNEL, text="hello"))
+        await service.answer(Question(scope=OTHER_CHANNEL, text="hello there"))
+        lock.execute("BEGIN IMMEDIATE")
+
+        first = await service.answer(Question(scope=CHANNEL, text="first while locked", discord_message_id=7))
+        assert first.text and UNSAVED_NOTE not in first.text and first.assistant_message_id is None
+        assert first.recording is not None and not first.recording.done()
+        follow_up = asyncio.create_task(service.answer(Question(scope=CHANNEL, text="second while locked")))
+        again = await service.answer(Question(scope=CHANNEL, text="first while locked", discord_message_id=7))
+        assert again.duplicate, "a redelivery while the write is retried is not answered twice"
+        # Another channel is answered meanwhile, well within the time the lock is held.
+        asked_elsewhere = service.answer(Question(scope=OTHER_CHANNEL, text="and here?"))
+        elsewhere = await asyncio.wait_for(asked_elsewhere, 30)
+        assert elsewhere.text and elsewhere.recording is not None
+        assert not follow_up.done(), "the next question in the channel waits for the earlier write"
+        assert _user_texts(spy.seen[-1]) == ["hello there", "and here?"]
+        lock.execute("ROLLBACK")
+
+        second = await asyncio.wait_for(follow_up, 30)
+        assert await first.stored_id() is not None and await second.stored_id() is not None
+        assert await elsewhere.stored_id() is not None
+        # The follow-up was generated after the first turn was stored, and saw it.
+        assert _user_texts(spy.seen[-1]) == ["hello", "first while locked", "second while locked"]
+        window = await parts.store.load_window(await parts.store.conversation_for(CHANNEL), 10)
+        assert [m.text for m in window if m.role == "user"] == _user_texts(spy.seen[-1])
+        assert (await service.stats(OTHER_CHANNEL)).turns == 2
+        assert (parts.questions("answered"), parts.questions("unsaved")) == (5, 0)
+        retries = parts.metrics.registry.get_sample_value("qwenbot_store_write_retries_total")
+        assert retries is not None and retries >= 2
+
+
+async def test_a_lock_held_past_the_retry_window_ends_with_the_note_and_nothing_half_written(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    async with locked_later(_busy_settings(tiny_model_dir, tmp_path, retry_seconds=0.5)) as (parts, lock):
+        service = parts.service
+        await service.answer(Question(scope=CHANNEL, text="hello"))
+        lock.execute("BEGIN IMMEDIATE")
+        answer = await service.answer(Question(scope=CHANNEL, text="never stored"))
+        assert answer.recording is not None
+        assert await asyncio.wait_for(answer.stored_id(), 10) is None
+        lock.execute("ROLLBACK")
+        rows = lock.execute("SELECT role FROM messages ORDER BY position").fetchall()
+        assert rows == [("user",), ("assistant",)], "no question without its answer"
+        later = await service.answer(Question(scope=CHANNEL, text="after"))
+        assert "never stored" not in _user_texts(parts.engine.seen[-1])
+        assert await later.stored_id() is not None
+        assert (parts.questions("answered"), parts.questions("unsaved")) == (2, 1)

@@ -1,8 +1,9 @@
 """One question through the answering service onto Discord, shared by messages and slash commands.
 
 Every outcome reaches the user: the streamed answer, a `BotError`'s own sentence, or a generic sentence for
-an unexpected failure (logged with its traceback). Discord HTTP errors while replying are logged here and
-never propagate into discord.py's gateway loop.
+an unexpected failure (logged with its traceback). An answer whose turn the store is still retrying is shown
+at once; should the retries give up, the reply is edited to say the turn won't be remembered. Discord HTTP
+errors while replying are logged here and never propagate into discord.py's gateway loop.
 
 A question is kept in the store when it is accepted (`AnswerService.keep`) and finished with its answer or
 its sentence; the ids of its reply messages are noted as they are created. At shutdown, answers the grace
@@ -22,7 +23,7 @@ from typing import Protocol
 
 import discord
 
-from bot.answering import AnswerService, Question, ThreadOrigin
+from bot.answering import AnswerService, Question, ThreadOrigin, with_unsaved_note
 from bot.content import ConversationScope
 from bot.discord.access import AccessPolicy
 from bot.discord.limits import UserLimits
@@ -160,7 +161,8 @@ async def deliver(
     keep: NewQuestion | None = None,
     reply_ids: Sequence[int] = (),
 ) -> None:
-    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer.
+    """Answer `question`, streaming into `target`; then link the first reply message to the stored answer,
+    once its turn is stored (a retried write is awaited here; giving up adds the unsaved note to the reply).
 
     `keep` is the question as kept for a restart (a question with a `durable_id` is kept already, and
     `reply_ids` are the messages an earlier process showed its answer in: they are edited, not repeated).
@@ -227,10 +229,15 @@ async def deliver(
             await _finish_kept(service, durable_id, "shown")
             return
         messages = await reply.finish(answer.text)
-        await _finish_kept(service, durable_id, "shown")
+        delivery.reply = None  # final now: a shutdown leaves it as it is
         if not messages:
             log.warning("the answer in %s could not be posted", question.scope.key)
             return
+        if answer.recording is not None and await answer.stored_id() is None:
+            await reply.amend(with_unsaved_note(answer.text))
+            await _finish_kept(service, durable_id, "failed")  # shown, with the note: not answered again
+            return
+        await _finish_kept(service, durable_id, "shown")
         try:
             await service.attach_reply(answer, messages[0].id)
         except BotError as exc:  # the answer is visible; only the thread-fork link is lost

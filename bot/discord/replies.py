@@ -310,6 +310,16 @@ class StreamingReply:
         await self._pump_task
         return self.messages
 
+    async def amend(self, text: str) -> list[discord.Message]:
+        """After `finish`: show `text` as the whole reply instead, in one more round (e.g. with a note)."""
+        if self._pump_task is not None:
+            await self._pump_task
+        self._text = text
+        self._final = True
+        if not self._refused:
+            await self._render(final=True)
+        return self.messages
+
     async def interrupt(self, text: str) -> None:
         """End the reply at once with `text` as its final state (at shutdown, its answer cancelled)."""
         if self._pump_task is not None and not self._pump_task.done():

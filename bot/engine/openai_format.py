@@ -1,7 +1,7 @@
 """Qwen `messages` (media as local files) → OpenAI chat messages (media inline as `data:` URLs).
 
-Each image is resized here exactly as the in-process engine resizes it (`budget.smart_resize`, the same
-pixel limits, PIL's default filter as `qwen_vl_utils` uses) and sent as a lossless PNG, so the server sees
+Each image is resized here exactly as the in-process engine resizes it (`images.image_for_model`: the same
+pixel limits and filter as `qwen_vl_utils`) and sent as a lossless PNG, so the server sees
 the pixels the local model would see, never fetches a URL and never receives a 48-megapixel photo. Runs in a
 worker thread: decoding and encoding images is CPU work, and `ImageUrlCache` keeps it to once per image,
 although every question re-sends the images of its history window.
@@ -21,7 +21,7 @@ from pathlib import Path
 from PIL import Image
 
 from bot.engine.api import QwenMessage, QwenPart
-from bot.engine.budget import smart_resize
+from bot.engine.images import image_for_model
 from bot.errors import VideoNotSupported
 from bot.settings import VisionSettings
 
@@ -50,18 +50,16 @@ def png_bytes(image: Image.Image) -> bytes:
 
 def image_data_url(path: Path, *, min_pixels: int, max_pixels: int) -> str:
     """The image at `path`, resized into [min_pixels, max_pixels] as the model takes it, as a PNG data URL."""
-    with Image.open(path) as opened:
-        image = opened.convert("RGB")
-    height, width = smart_resize(image.height, image.width, min_pixels=min_pixels, max_pixels=max_pixels)
-    if (width, height) != image.size:
-        image = image.resize((width, height))
+    image = image_for_model(path, min_pixels=min_pixels, max_pixels=max_pixels)
     return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
 
 
 class ImageUrlCache:
     """Image data URLs by (file, pixel limits), least recently used evicted beyond `max_bytes`; thread-safe.
 
-    Stored media files are content-addressed, so a path always names the same bytes.
+    Stored media files are content-addressed, so a path always names the same bytes. Images missing from
+    the cache are made one at a time (requests in flight convert in parallel threads): each holds its
+    full-size pixels while it is resized, and those must not stack up.
     """
 
     def __init__(self, max_bytes: int) -> None:
@@ -69,17 +67,23 @@ class ImageUrlCache:
         self._entries: OrderedDict[tuple[str, int, int], str] = OrderedDict()
         self._bytes = 0
         self._lock = threading.Lock()
+        self._making = threading.Lock()
 
     def get(self, key: tuple[str, int, int], make: Callable[[], str]) -> str:
         """The cached URL for `key`, or `make()`'s, remembered when it fits the budget."""
-        with self._lock:
-            url = self._entries.get(key)
-            if url is not None:
-                self._entries.move_to_end(key)
-                return url
-        url = make()
-        if len(url) > self.max_bytes:
+        url = self._cached(key)
+        if url is not None:
             return url
+        with self._making:
+            url = self._cached(key)  # made by another request while this one waited
+            if url is None:
+                url = make()
+                self._remember(key, url)
+        return url
+
+    def _remember(self, key: tuple[str, int, int], url: str) -> None:
+        if len(url) > self.max_bytes:
+            return
         with self._lock:
             if key not in self._entries:
                 self._entries[key] = url
@@ -87,7 +91,13 @@ class ImageUrlCache:
             while self._bytes > self.max_bytes:
                 _, evicted = self._entries.popitem(last=False)
                 self._bytes -= len(evicted)
-        return url
+
+    def _cached(self, key: tuple[str, int, int]) -> str | None:
+        with self._lock:
+            url = self._entries.get(key)
+            if url is not None:
+                self._entries.move_to_end(key)
+            return url
 
 
 def video_data_url(path: Path) -> str:

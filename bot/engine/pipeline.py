@@ -20,6 +20,7 @@ from qwen_vl_utils import extract_vision_info, process_vision_info
 from transformers import BatchFeature, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
+from bot.engine.images import image_for_model, is_model_size, release_memory
 from bot.engine.vision_cache import FileDigests, VisionCache, cached_image_features
 
 _VISION_KEYS = ("image", "image_url", "video")
@@ -94,6 +95,8 @@ class Pipeline:
             for messages in conversations
         ]
         images = self._image_identities(conversations) if self.vision_cache is not None else None
+        for messages in conversations:
+            _decode_images(messages)
         image_inputs, videos, video_kwargs = process_vision_info(
             conversations, return_video_kwargs=True, return_video_metadata=True
         )
@@ -143,6 +146,11 @@ class Pipeline:
             rows, skip_special_tokens=True, clean_up_tokenization_spaces=False
         )
         prompt_lengths = inputs["attention_mask"].sum(dim=1).tolist()
+        pixel_bytes = sum(
+            value.nbytes for name, value in prepared.inputs.items() if name.startswith("pixel_values")
+        )
+        del prepared, inputs, generated
+        release_memory(pixel_bytes)  # the batch's pixel values are freed by now
         return [
             PipelineOutput(text=text, token_ids=ids, prompt_tokens=int(length))
             for text, ids, length in zip(texts, rows, prompt_lengths, strict=True)
@@ -229,6 +237,25 @@ class Pipeline:
             part["max_pixels"] = max_pixels
         part.setdefault("min_pixels", min(min_pixels, part["max_pixels"]))
         return part
+
+
+def _decode_images(messages: list[dict]) -> None:
+    """Replace each image file in `messages` (copies made by `_with_pixel_limits`) by its pixels at the
+    model's size (`image_for_model`), which `process_vision_info` then keeps as they are: the same pixels its
+    own `fetch_image` would make from the file, at half the peak memory. An image whose size the resize rule
+    would change again (limits too close together) stays a file, for `fetch_image` to resize.
+    """
+    for message in messages:
+        content = message["content"]
+        if not isinstance(content, list):
+            continue
+        for index, part in enumerate(content):
+            if not isinstance(part.get("image"), str) or "resized_height" in part:
+                continue
+            limits = {"min_pixels": part["min_pixels"], "max_pixels": part["max_pixels"]}
+            image = image_for_model(part["image"], **limits)
+            if is_model_size(image, **limits):
+                content[index] = {**part, "image": image}
 
 
 class _RowsAskedToStop(StoppingCriteria):

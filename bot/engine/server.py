@@ -69,7 +69,7 @@ class ServerEngine(EngineFrontEnd):
         self._client: openai.AsyncOpenAI | None = None
         self._tasks: dict[ScheduledRequest, asyncio.Task[None]] = {}
         cache_bytes = settings.server.image_cache_mb * 1024 * 1024
-        self._image_urls = ImageUrlCache(cache_bytes) if cache_bytes else None
+        self._image_urls = ImageUrlCache(cache_bytes)  # 0 bytes: nothing kept, decodes still one at a time
         self._stop_task: asyncio.Future[None] | None = None
         # For `readiness`: when the server last answered (None) or was found down (the reason).
         self._verdict: tuple[float, str | None] = (float("-inf"), None)

@@ -13,8 +13,10 @@ from typing import Self
 import aiohttp
 
 from bot.content import StoredMedia
+from bot.engine.images import release_memory
 from bot.errors import MediaError, TooLarge, Unreachable, UnsupportedMediaType
 from bot.media.decode import image_size, probe_video, validate_image
+from bot.media.decode_gate import DecodeGate
 from bot.media.download import byte_cap, download
 from bot.media.sniff import SNIFF_BYTES, MediaType, sniff
 from bot.media.storage import content_path, reuse_existing, sha256_hex, store_content_addressed
@@ -31,8 +33,10 @@ class MediaFetcher:
     re-encoded (see `bot.media.decode`). Videos keep their bytes. Files are named by the SHA-256 of the stored
     bytes, so the same file posted twice is stored once, and an upload whose own hash is already stored is
     not decoded again (only validated images are ever stored). All decoding and disk work runs in worker
-    threads. Failures are the `MediaError` subclasses of `bot.errors`; `metrics` counts them and the bytes
-    received.
+    threads; decodes wait for each other while their pixels together would pass `media.max_pixels`
+    (`DecodeGate`), so big images posted at once are decoded one after another instead of all in memory.
+    Failures are the `MediaError` subclasses of `bot.errors`; `metrics` counts them, the bytes received and
+    the decodes that waited.
     """
 
     def __init__(
@@ -48,6 +52,8 @@ class MediaFetcher:
         self._session = session
         self._owns_session = session is None
         self._metrics = metrics or Metrics()
+        # Pixels decoding at once: the largest image the cap allows decodes alone.
+        self._decodes = DecodeGate(settings.max_pixels)
 
     async def __aenter__(self) -> Self:
         return self
@@ -125,20 +131,39 @@ class MediaFetcher:
 
     async def _store(self, data: bytes, media_type: MediaType) -> StoredMedia:
         if media_type.kind == "image":
-            stored = await asyncio.to_thread(self._store_image, data, media_type)
+            stored = await self._store_image(data, media_type)
         else:
             stored = await asyncio.to_thread(self._store_video, data, media_type)
         log.debug("stored %s %s (%d bytes)", stored.kind, stored.sha256, stored.byte_size)
         return stored
 
-    def _store_image(self, data: bytes, media_type: MediaType) -> StoredMedia:
+    async def _store_image(self, data: bytes, media_type: MediaType) -> StoredMedia:
+        """The stored file, or else the size from the header; then the decode, once the gate admits it."""
+        known = await asyncio.to_thread(self._stored_or_size, data, media_type)
+        if isinstance(known, StoredMedia):
+            return known
+        digest, (width, height) = known
+        async with self._decodes.admit(width * height) as waited:
+            if waited:
+                self._metrics.media_decode_waited()
+            return await asyncio.to_thread(self._validate_and_store, data, media_type, digest)
+
+    def _stored_or_size(
+        self, data: bytes, media_type: MediaType
+    ) -> StoredMedia | tuple[str, tuple[int, int]]:
+        """The media when these bytes are stored already (hence validated: only the header is read), else
+        their digest and the size their header announces (raising when it is over the caps)."""
         max_pixels = self._settings.max_pixels
         digest = sha256_hex(data)
         path = content_path(self._media_dir, digest, media_type.extension)
-        if reuse_existing(path):  # stored as sent before, hence validated: read the size from the header only
-            width, height = image_size(data, media_type, max_pixels)
+        width, height = image_size(data, media_type, max_pixels)
+        if reuse_existing(path):
             return StoredMedia(digest, path, media_type.mime_type, width, height, len(data), "image")
-        image = validate_image(data, media_type, max_pixels)
+        return digest, (width, height)
+
+    def _validate_and_store(self, data: bytes, media_type: MediaType, digest: str) -> StoredMedia:
+        image = validate_image(data, media_type, self._settings.max_pixels)
+        release_memory(4 * image.width * image.height)  # the decoded pixels are freed by now
         digest, path = store_content_addressed(
             self._media_dir, image.data, image.media_type.extension, digest=digest if image.kept else None
         )

@@ -3,8 +3,9 @@
 Every call runs on one dedicated thread (a single-worker executor) with a sync session, so the event loop
 never waits on disk and SQLite writes are serialized. Methods return plain data from `bot.content` or
 `bot.store.results`.
-Database failures come out as `StoreError` (and are counted in `bot.metrics`); an unknown conversation id as
-`LookupError`.
+Database failures come out as `StoreError` (and are counted in `bot.metrics`), marked `transient` when a
+retry may succeed; an unknown conversation id as `LookupError`. `retry_record_turn` retries a turn's write
+from the event loop, each try holding the database thread only briefly.
 `open()` does not migrate: run `bot.store.database.upgrade` first.
 """
 
@@ -25,7 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from bot.content import ChatMessage, ConversationScope
 from bot.errors import StoreError
 from bot.metrics import Metrics
-from bot.store.database import create_engine_for
+from bot.store.database import create_engine_for, is_transient
 from bot.store.results import (
     ConversationStats,
     FinalStatus,
@@ -41,6 +42,9 @@ from bot.store.sync_store import SyncStore
 T = TypeVar("T")
 DEFAULT_ORPHAN_GRACE = timedelta(hours=1)
 READINESS_TIMEOUT_SECONDS = 2.0
+RETRY_LOCK_WAIT_MS = 200  # a retried write waits this long for a lock: the thread serves others between tries
+FIRST_RETRY_DELAY_SECONDS = 0.1
+MAX_RETRY_DELAY_SECONDS = 2.0
 
 
 class ConversationStore:
@@ -132,6 +136,28 @@ class ConversationStore:
     async def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
         """Store a question, its media and its answer in one transaction; a repeated question adds nothing."""
         return await self._run(lambda store: store.record_turn(conversation_id, turn))
+
+    async def retry_record_turn(self, conversation_id: int, turn: NewTurn, *, within: float) -> RecordedTurn:
+        """`record_turn` again, after it failed with a transient `StoreError`, for up to `within` seconds.
+
+        Tries wait 0.1 s, then twice as long each time up to 2 s; each waits at most `RETRY_LOCK_WAIT_MS`
+        for another connection's lock (SQLite), so a lock held for long never holds the database thread for
+        long. A turn stored by an attempt that reported a failure comes back as a duplicate. Raises the last
+        `StoreError` when the time is up or the failure is not transient; every retry is counted.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + within
+        delay = FIRST_RETRY_DELAY_SECONDS
+        lock_wait_ms = min(RETRY_LOCK_WAIT_MS, self._busy_timeout_ms)
+        while True:
+            await asyncio.sleep(max(0.0, min(delay, deadline - loop.time())))
+            self._metrics.store_write_retried()
+            try:
+                return await self._run(lambda store: store.record_turn(conversation_id, turn, lock_wait_ms))
+            except StoreError as exc:
+                if not exc.transient or loop.time() >= deadline:
+                    raise
+            delay = min(2 * delay, MAX_RETRY_DELAY_SECONDS)
 
     async def accept_question(self, conversation_id: int, question: NewQuestion, *, owner: str) -> int | None:
         """Keep `question` as pending, answered by `owner` (a process); its id, or None when the same Discord
@@ -228,4 +254,4 @@ class ConversationStore:
             return await loop.run_in_executor(self._executor, function)
         except SQLAlchemyError as exc:
             self._metrics.store_failed(exc)
-            raise StoreError(f"database operation failed: {exc}") from exc
+            raise StoreError(f"database operation failed: {exc}", transient=is_transient(exc)) from exc

@@ -6,13 +6,16 @@ everyone's conversations are in there). On every new connection it sets WAL mode
 writer), a busy timeout (a second process waits for the write lock instead of failing at once) and
 `foreign_keys=ON` (SQLite leaves foreign keys off by default). `upgrade` runs the Alembic migrations to head;
 it is the only way the schema is created. On PostgreSQL it holds an advisory lock meanwhile, so that several
-processes starting at once (shards) migrate one after another.
+processes starting at once (shards) migrate one after another. `is_transient` tells the failures a retry may
+mend from the others, and `lock_wait` shortens SQLite's busy timeout for one transaction.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,12 +25,16 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import ArgumentError, DBAPIError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, DBAPIError, OperationalError, SQLAlchemyError
+from sqlalchemy.orm import Session
 
 import migrations
 from bot.errors import ConfigError, StoreError
 
 _MIGRATION_LOCK_KEY = 0x71776E5F626F74  # PostgreSQL advisory lock held while migrating ("qwn_bot")
+_SQLITE_BUSY, _SQLITE_LOCKED = 5, 6  # primary result codes (the low byte of an extended code)
+# PostgreSQL SQLSTATEs worth a retry: serialization failure, deadlock, the server shutting down or starting.
+_TRANSIENT_SQLSTATES = frozenset({"40001", "40P01", "57P01", "57P02", "57P03"})
 
 
 def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engine:
@@ -65,6 +72,36 @@ def create_engine_for(database_url: str, *, busy_timeout_ms: int = 5000) -> Engi
             cursor.close()
 
     return engine
+
+
+def is_transient(error: SQLAlchemyError) -> bool:
+    """Whether the same operation may succeed when tried again: SQLite busy or locked (another process
+    writes), a PostgreSQL serialization failure or deadlock, a connection lost or refused."""
+    if isinstance(error, DBAPIError) and error.connection_invalidated:
+        return True
+    cause = getattr(error, "orig", None)
+    if isinstance(cause, sqlite3.Error):
+        return getattr(cause, "sqlite_errorcode", 0) & 0xFF in (_SQLITE_BUSY, _SQLITE_LOCKED)
+    sqlstate = getattr(cause, "sqlstate", None)
+    if isinstance(sqlstate, str):
+        return sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")  # class 08: connection exception
+    return isinstance(error, OperationalError)  # a driver's error without a code: the connection failed
+
+
+@contextlib.contextmanager
+def lock_wait(session: Session, milliseconds: int | None) -> Iterator[None]:
+    """Within the block, SQLite waits at most `milliseconds` for another connection's lock (the connection's
+    busy timeout, restored after); None, or another database, leaves the connection as it is."""
+    connection = session.connection()
+    if milliseconds is None or connection.dialect.name != "sqlite":
+        yield
+        return
+    previous = int(connection.exec_driver_sql("PRAGMA busy_timeout").scalar_one())
+    connection.exec_driver_sql(f"PRAGMA busy_timeout={int(milliseconds)}")
+    try:
+        yield
+    finally:
+        connection.exec_driver_sql(f"PRAGMA busy_timeout={previous}")
 
 
 def _sqlite_file(url: URL) -> Path | None:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from bot.content import ChatMessage, ConversationScope, MediaKind, Platform, Role, StoredMedia, TextPart
 from bot.media.storage import content_digest
+from bot.store.database import lock_wait
 from bot.store.models import Conversation, Media, Message, MessageMedia, Question, utcnow
 from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
@@ -99,14 +100,17 @@ class SyncStore:
             )
             return session.scalar(select(exists(query))) or False
 
-    def record_turn(self, conversation_id: int, turn: NewTurn) -> RecordedTurn:
+    def record_turn(
+        self, conversation_id: int, turn: NewTurn, lock_wait_ms: int | None = None
+    ) -> RecordedTurn:
+        """One transaction; with `lock_wait_ms`, SQLite waits at most that long for another writer's lock."""
         question_discord_id = turn.question_discord_id
         if turn.question.role != "user":
             raise ValueError(f"a turn's question must have the user role, not {turn.question.role!r}")
         attempts_left = _WRITE_ATTEMPTS
         while True:
             try:
-                with self._sessions.begin() as session:
+                with self._sessions.begin() as session, lock_wait(session, lock_wait_ms):
                     _complete_question(session, turn.question_id)
                     if question_discord_id is not None:
                         existing = _recorded_turn(session, conversation_id, question_discord_id)

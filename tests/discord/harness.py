@@ -49,14 +49,15 @@ def bot_settings(
     server: InferenceProxy | None = None,
     server_options: dict[str, Any] | None = None,
     limits: dict[str, Any] | None = None,
+    storage: dict[str, Any] | None = None,
     health: bool = False,
 ) -> Settings:
     """The tiny model on CPU (greedy, short answers), storage in `data_dir`, Discord and media on loopback;
     `discord` and `engine` add to (or override) the `[discord]` and `[engine]` sections. With `server`, the
     bot answers through that proxy of the real inference server (`engine.backend = "server"`), with
     `server_options` added to the `[server]` section. Per-user limits are off unless `limits` sets them: the
-    tests play a few users asking many questions within seconds. With `health`, the health endpoints are
-    served on an ephemeral port of 127.0.0.1 (`RunningBot.health_port`)."""
+    tests play a few users asking many questions within seconds. `storage` adds to `[storage]`. With
+    `health`, the health endpoints are served on an ephemeral port of 127.0.0.1 (`RunningBot.health_port`)."""
     backend: dict[str, dict[str, Any]] = {}
     if server is not None:
         backend = {
@@ -75,6 +76,7 @@ def bot_settings(
         media={"allowed_hosts": ["127.0.0.1"], "retries": 0},
         limits=limits or UNLIMITED,
         metrics={"enabled": health, "host": "127.0.0.1", "port": 0},
+        storage=storage or {},
         **{"engine": engine or {}, **backend},
     )
 

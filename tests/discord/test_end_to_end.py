@@ -8,6 +8,7 @@ twice: with the in-process engine, and through a real inference server (`transfo
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
+from bot.answering import UNSAVED_NOTE
 from bot.content import ConversationScope
 from bot.discord.commands import NOT_ALLOWED_HERE
 from bot.errors import CorruptMedia, Unreachable, UnsupportedMediaType
@@ -39,6 +41,7 @@ CHANNELS = [
     "forwards",
     "roles",
     "threads",
+    "locked",
 ]
 
 
@@ -76,6 +79,8 @@ async def world(
                 "allowed_role_ids": [member_role],
             },
             server=proxy,
+            # A database locked by another process fails a try within 0.2 s; turns are retried for 2 s.
+            storage={"sqlite_busy_timeout_ms": 200, "write_retry_seconds": 2.0},
         )
         bot = RunningBot(settings, fake, proxy)
         await bot.start()
@@ -136,6 +141,27 @@ async def test_image_mention_is_downloaded_and_answered_as_a_safe_reply(world: W
     prompt = world.bot.prompts[-1]
     assert len(image_parts(prompt)) == 1
     assert "what is in this picture?" in str(prompt[-1]["content"]) and fake.bot.mention not in str(prompt)
+
+
+async def test_a_turn_the_locked_database_never_takes_is_shown_then_noted_as_unsaved(world: World) -> None:
+    fake, channel = world.fake, world.channels["locked"]
+    known = len(world.bot.replies)
+    await fake.send_message(channel, world.alice, f"{fake.bot.mention} remember this")
+    await world.bot.wait_reply(channel, after=known)  # the conversation exists, with its first turn
+    other_process = sqlite3.connect(world.bot.settings.storage.data_dir / "bot.sqlite3", isolation_level=None)
+    try:
+        other_process.execute("BEGIN IMMEDIATE")  # holds the write lock past the 2 s of retries
+        await fake.send_message(channel, world.alice, f"{fake.bot.mention} and this?")
+        noted = await fake.wait_for_message(channel, lambda posted: posted["content"].endswith(UNSAVED_NOTE))
+    finally:
+        if other_process.in_transaction:
+            other_process.execute("ROLLBACK")
+        other_process.close()
+    answer = noted["content"].removesuffix(UNSAVED_NOTE)
+    edits = fake.requests_to("PATCH", f"/channels/{channel}/messages/{noted['id']}")
+    shown = [_posts(world, channel)[-1]["content"], *(edit.body["content"] for edit in edits)]
+    assert answer.strip() and shown[-2:] == [answer, noted["content"]], "the answer, then the note"
+    assert await world.stats(world.scope("locked")) == (1, 0)
 
 
 async def test_a_reply_without_mention_continues_the_conversation_with_the_image(world: World) -> None:

@@ -217,3 +217,18 @@ async def test_an_answer_longer_than_the_message_limit_arrives_as_answer_md(worl
     assert len(shown["content"]) <= 2000 and shown["content"].endswith("attached as answer.md.")
     assert answer.text.startswith(shown["content"].split("\n\n-# ")[0][:200])
     assert [m["id"] for m in fake.bot_messages(channel)] == [shown["id"]], "one message, no wall of text"
+
+
+async def test_an_ask_command_answer_has_the_stop_button_too(world: World) -> None:
+    fake, channel = world.fake, world.channels["stop"]
+    known = len(world.bot.replies)
+    token = await fake.slash_command(
+        channel, world.bob, "ask", [{"name": "question", "type": 3, "value": "tell me a very long story"}]
+    )
+    message_id, button = await world.stop_button("stop")
+    await fake.press_button(message_id, world.bob, button)
+    reply_id = await world.bot.wait_reply(channel, after=known)
+    assert reply_id == message_id, "the deferred response is the answer"
+    assert world.bot.replies[-1][0].stopped
+    edits = fake.requests_to("PATCH", f"/{token}/messages/@original")
+    assert edits[-1].body["components"] == [], "the final edit removes the button"

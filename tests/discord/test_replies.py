@@ -234,6 +234,16 @@ async def test_a_failed_edit_is_logged_and_the_final_text_still_lands(
     assert "could not update a reply" in caplog.text
 
 
+async def test_a_finished_reply_can_be_amended_once_more() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=30.0, max_messages=MAX_MESSAGES) as reply:
+        reply.on_text("The answer")
+        (shown,) = await reply.finish("The answer.")
+        (amended,) = await reply.amend("The answer.\n\n-# a note")  # at once: not held back by the interval
+    assert amended.id == shown.id and target.contents == {shown.id: "The answer.\n\n-# a note"}
+    assert target.ops[-1][1:] == ("edit", shown.id, "The answer.\n\n-# a note")
+
+
 async def test_leaving_early_stops_the_pump() -> None:
     target = _RecordingTarget()
     async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:

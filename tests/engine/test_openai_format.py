@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import base64
 import io
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -82,3 +86,31 @@ def test_roles_and_parts_take_the_openai_shape(tmp_path: Path) -> None:
     assert converted[1]["content"][1] == {"type": "text", "text": "What?"}  # type: ignore[index]
     assert converted[2] == {"role": "assistant", "content": "A square."}
     assert converted[3] == {"role": "user", "content": "And now?"}
+
+
+def test_images_missing_from_the_cache_are_made_one_at_a_time() -> None:
+    cache = ImageUrlCache(max_bytes=1000)
+    making = 0
+    most = 0
+    made: list[str] = []
+    lock = threading.Lock()
+
+    def maker(value: str) -> Callable[[], str]:
+        def make() -> str:
+            nonlocal making, most
+            with lock:
+                making += 1
+                most = max(most, making)
+            time.sleep(0.02)  # a decode: the others would overlap it if they could
+            with lock:
+                making -= 1
+                made.append(value)
+            return value
+
+        return make
+
+    keys = [("a", 1, 2), ("b", 1, 2), ("a", 1, 2), ("c", 1, 2)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        urls = list(pool.map(lambda key: cache.get(key, maker(key[0])), keys))
+    assert urls == ["a", "b", "a", "c"]
+    assert most == 1 and sorted(made) == ["a", "b", "c"], "one at a time, and 'a' only once"

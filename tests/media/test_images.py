@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import io
 import os
@@ -21,6 +22,7 @@ from bot.errors import (
     UnsupportedMediaType,
 )
 from bot.media import MediaFetcher
+from bot.metrics import Metrics
 from bot.settings import MediaSettings
 from tests.media.conftest import MediaServer
 from tests.media.factories import (
@@ -369,3 +371,18 @@ def test_png_bomb_factory_is_what_it_claims() -> None:
     with Image.open(io.BytesIO(png_bomb(64, 32))) as small:
         small.load()
         assert small.size == (64, 32) and small.mode == "1"
+
+
+async def test_big_images_posted_at_once_are_decoded_one_after_another(
+    media_settings: MediaSettings, tmp_path: Path
+) -> None:
+    # Each 900x900 PNG holds 81% of the 1,000,000-pixel cap: two never decode at once.
+    uploads = [encode(Image.new("RGB", (900, 900), (shade, 90, 160)), "PNG") for shade in (10, 20, 30)]
+    small = encode(two_colour_image(), "PNG")
+    metrics = Metrics()
+    async with MediaFetcher(media_settings, tmp_path / "media", metrics=metrics) as fetcher:
+        stored = await asyncio.gather(*(fetcher.store_bytes(data) for data in uploads))
+        assert [item.path.read_bytes() for item in stored] == uploads
+        await fetcher.store_bytes(small)  # alone: no wait
+        await fetcher.store_bytes(uploads[0])  # stored already: only its header is read
+    assert metrics.registry.get_sample_value("qwenbot_media_decode_waits_total") == 2

@@ -6,10 +6,11 @@ import socket
 from pathlib import Path
 
 import pytest
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError, ProgrammingError, SQLAlchemyError
 
 from bot.errors import ConfigError, StoreError
 from bot.store import upgrade
-from bot.store.database import create_engine_for
+from bot.store.database import create_engine_for, is_transient
 
 
 @pytest.mark.parametrize(
@@ -55,3 +56,40 @@ def test_unreachable_postgresql_is_one_line() -> None:
     message = str(caught.value)
     assert message.startswith("cannot migrate the database: ") and f"port {port} failed" in message
     assert "\n" not in message and "sqlalche.me" not in message and "secret" not in message
+
+
+class _DriverError(Exception):
+    """A DBAPI error as psycopg raises them: its SQLSTATE, or None for a failure without one."""
+
+    def __init__(self, sqlstate: str | None) -> None:
+        super().__init__(f"driver error {sqlstate}")
+        self.sqlstate = sqlstate
+
+
+@pytest.mark.parametrize(
+    ("error", "transient"),
+    [
+        (OperationalError("INSERT", None, _DriverError("40001")), True),  # serialization failure
+        (OperationalError("INSERT", None, _DriverError("40P01")), True),  # deadlock detected
+        (OperationalError("INSERT", None, _DriverError("08006")), True),  # connection failure
+        (OperationalError("INSERT", None, _DriverError("57P03")), True),  # cannot connect now
+        (OperationalError("INSERT", None, _DriverError(None)), True),  # connection refused, no code
+        (DBAPIError("INSERT", None, _DriverError("XX000"), connection_invalidated=True), True),
+        (IntegrityError("INSERT", None, _DriverError("23505")), False),  # unique violation
+        (ProgrammingError("INSERT", None, _DriverError("42P01")), False),  # undefined table
+        (ProgrammingError("INSERT", None, _DriverError(None)), False),
+    ],
+    ids=[
+        "serialization",
+        "deadlock",
+        "connection",
+        "starting",
+        "refused",
+        "invalidated",
+        "unique",
+        "table",
+        "bug",
+    ],
+)
+def test_which_postgresql_failures_are_worth_a_retry(error: SQLAlchemyError, transient: bool) -> None:
+    assert is_transient(error) is transient
