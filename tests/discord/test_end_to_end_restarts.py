@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from bot.content import ConversationScope
-from bot.discord.delivery import ANSWER_AFTER_RESTART
+from bot.discord.delivery import ANSWER_AFTER_RESTART, ASK_AGAIN_AFTER_SHUTDOWN
 from bot.discord.replies import ANSWERING_NOW
 from bot.discord.resuming import ASK_AGAIN_AFTER_RESTART
 from tests.discord.harness import TOKEN, RunningBot, bot_settings, png_bytes
@@ -102,6 +102,54 @@ async def test_a_shutdown_leaves_no_one_waiting_and_the_next_start_answers_into_
         assert bot.replies[-1][1] == int(replies_to(fake, left, after)[0]["id"])
         assert len(fake.bot_messages(left)) == 4
         assert (await bot.service.stats(ConversationScope("discord", left, guild_id))).turns == 4
+    finally:
+        await bot.stop()
+        await fake.close()
+
+
+async def test_past_the_window_and_for_slash_commands_the_asker_is_told_to_ask_again(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    guild_id, (channel,), _ = fake.add_guild("Guild", ["general"], ())
+    alice = fake.add_user("alice", guild_ids=[guild_id])
+    await fake.start()
+    settings = bot_settings(
+        tiny_model_dir,
+        tmp_path / "data",
+        fake,
+        {"resume_window_seconds": 0},
+        engine={"shutdown_grace_seconds": GRACE},
+    )
+    bot = RunningBot(settings, fake)
+    await bot.start()
+    try:
+        with bot.hold_engine():
+            question = await fake.send_message(channel, alice, f"{fake.bot.mention} first")
+            token = await fake.slash_command(
+                channel, alice, "ask", [{"name": "question", "type": 3, "value": "and this?"}]
+            )
+            await fake.wait_for_request(lambda request: f"/{token}/callback" in request.path)
+            assert bot.client is not None
+            await until(lambda: bot.client is not None and bot.client.deliveries.active == 2)
+            await bot.client.shut_down(GRACE)
+            (reply,) = replies_to(fake, channel, question)
+            assert reply["content"] == ANSWER_AFTER_RESTART
+            (command_reply,) = [m for m in fake.bot_messages(channel) if m["id"] != reply["id"]]
+            assert command_reply["content"] == ASK_AGAIN_AFTER_SHUTDOWN
+        await bot.stop()
+
+        await bot.start()  # both are older than the window (0 s); the command could not be answered anyway
+        await until(lambda: all(m["content"] == ASK_AGAIN_AFTER_RESTART for m in fake.bot_messages(channel)))
+        assert sorted(m["id"] for m in fake.bot_messages(channel)) == sorted(
+            [reply["id"], command_reply["id"]]
+        )
+        assert bot.service is not None
+        service = bot.service
+        async with asyncio.timeout(30):  # marked expired once told
+            while await service.unfinished():
+                await asyncio.sleep(0.05)
+        assert (await bot.service.stats(ConversationScope("discord", channel, guild_id))).turns == 0
     finally:
         await bot.stop()
         await fake.close()
