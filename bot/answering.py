@@ -309,6 +309,8 @@ class AnswerService:
                 listeners.on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
                 media = await downloads
+                if question.durable_id is not None and media:
+                    await self._note_media(question.durable_id, media)
                 await self._pending_write(key)
                 answer = await self._generate_and_record(
                     question, conversation_id, _user_message(question, media), listeners
@@ -324,6 +326,13 @@ class AnswerService:
                 self._release(held)
             else:  # the files stay held until their turn is recorded or given up
                 recording.add_done_callback(lambda _: self._release(held))
+
+    async def _note_media(self, durable_id: int, media: list[StoredMedia]) -> None:
+        """Remember the kept question's downloaded files: a restart answers it from them."""
+        try:
+            await self._store.note_media(durable_id, [item.path for item in media])
+        except StoreError as exc:  # a restart downloads them again
+            log.warning("could not note the media of question %s: %r", durable_id, exc)
 
     async def _hold(self, stored: Awaitable[StoredMedia], held: list[str]) -> StoredMedia:
         """`stored`'s media, marked as used by a question in flight (see `_release`) as soon as it is stored.

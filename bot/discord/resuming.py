@@ -4,10 +4,11 @@ It runs once, when the gateway is first ready. Only questions of this process's 
 shard is `(guild_id >> 22) % shard_count`, DMs are shard 0), each claimed in the store first, so one process
 answers it. A question whose answer was recorded but not yet shown in full gets the recorded answer. A
 message asked less than `discord.resume_window_seconds` ago is answered again into the reply messages the
-earlier process made (fetched, then edited), its attachments fetched again from their message for fresh CDN
-URLs. An older one, and every slash command (its interaction token died with the process), gets its reply
-edited to `ASK_AGAIN_AFTER_RESTART`, or a new reply when it had none. The questions of one conversation go
-in the order they were asked.
+earlier process made (fetched, then edited), from its attachments as downloaded before the restart or, when
+they were not yet (or are gone), fetched again from their message for fresh CDN URLs. An older one, and
+every slash command (its interaction token died with the process), gets its reply edited to
+`ASK_AGAIN_AFTER_RESTART`, or a new reply when it had none. The questions of one conversation go in the
+order they were asked.
 """
 
 from __future__ import annotations
@@ -82,7 +83,8 @@ async def _resume(client: discord.AutoShardedClient, bot: Serving, item: Unfinis
         await bot.service.finish_kept(item.id, "expired")
         return
     attachments: tuple[AttachmentRef, ...] = ()
-    if asked.attachments and asked.attachments_message_id is not None:
+    downloaded = item.media_files if len(item.media_files) == len(asked.attachments) else ()
+    if asked.attachments and not downloaded and asked.attachments_message_id is not None:
         source_channel = _messageable(client, asked.channel_id, item.scope.guild_id)
         source = await fetch_message(source_channel, asked.attachments_message_id)
         if source is None:  # deleted meanwhile, or unreachable: its pictures are gone with it
@@ -94,6 +96,7 @@ async def _resume(client: discord.AutoShardedClient, bot: Serving, item: Unfinis
         scope=item.scope,
         text=asked.text,
         attachments=attachments,
+        local_files=downloaded,
         discord_message_id=asked.discord_message_id,
         durable_id=item.id,
     )

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -167,6 +167,10 @@ class ConversationStore:
     async def note_reply(self, question_id: int, discord_message_id: int) -> None:
         """Remember a Discord message showing the answer (a restart edits it rather than adding one)."""
         await self._run(lambda store: store.note_reply(question_id, discord_message_id))
+
+    async def note_media(self, question_id: int, paths: Sequence[Path]) -> None:
+        """Remember where the question's attachments are stored: a restart need not download them again."""
+        await self._run(lambda store: store.note_media(question_id, paths))
 
     async def finish_question(self, question_id: int, status: FinalStatus) -> None:
         """End a kept question: an answered one once its answer is shown in full (`shown`), a pending one

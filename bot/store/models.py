@@ -142,6 +142,7 @@ class Question(Base):
     text: Mapped[str] = mapped_column(Text)
     attachments: Mapped[list[dict[str, str | int | None]]] = mapped_column(JSON)
     attachments_message_id: Mapped[int | None] = mapped_column(BigInteger)  # the message carrying them
+    media_paths: Mapped[list[str]] = mapped_column(JSON)  # their files once downloaded, under the media dir
     reply_ids: Mapped[list[int]] = mapped_column(JSON)
     status: Mapped[str] = mapped_column(String(16))
     owner: Mapped[str] = mapped_column(String(32))

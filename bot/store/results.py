@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import Literal
 
 from bot.content import ChatMessage, ConversationScope
@@ -52,6 +53,7 @@ class UnfinishedQuestion:
     owner: str
     created_at: datetime
     answer_text: str | None = None  # recorded, not yet shown in full: show this rather than answer again
+    media_files: tuple[Path, ...] = ()  # its attachments as downloaded, when every file is still on disk
 
 
 @dataclass(frozen=True, slots=True)

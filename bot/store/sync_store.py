@@ -180,6 +180,7 @@ class SyncStore:
                     text=new.text,
                     attachments=[dict(ref) for ref in new.attachments],
                     attachments_message_id=new.attachments_message_id,
+                    media_paths=[],
                     reply_ids=[],
                     status="pending",
                     owner=owner,
@@ -195,6 +196,12 @@ class SyncStore:
             row = session.get(Question, question_id)
             if row is not None and discord_id not in row.reply_ids:
                 row.reply_ids = [*row.reply_ids, discord_id]
+
+    def note_media(self, question_id: int, paths: Sequence[Path]) -> None:
+        with self._sessions.begin() as session:
+            row = session.get(Question, question_id)
+            if row is not None:
+                row.media_paths = [self._relative_path(path) for path in paths]
 
     def finish_question(self, question_id: int, status: FinalStatus) -> None:
         before = "answered" if status == "shown" else "pending"
@@ -214,7 +221,9 @@ class SyncStore:
                 .order_by(Question.created_at, Question.id)
             ).all()
             return [
-                _unfinished(question, conversation, _answer_text(session, question))
+                _unfinished(
+                    question, conversation, _answer_text(session, question), self._media_files(question)
+                )
                 for question, conversation in rows
             ]
 
@@ -230,6 +239,11 @@ class SyncStore:
                 .values(owner=owner)
             )
             return _rowcount(session, statement) > 0
+
+    def _media_files(self, question: Question) -> tuple[Path, ...]:
+        """The question's downloaded files, or none unless every one is still on disk."""
+        paths = tuple(self._media_dir / relative for relative in question.media_paths)
+        return paths if all(path.is_file() for path in paths) else ()
 
     def set_answer_discord_id(self, assistant_message_id: int, discord_id: int) -> bool:
         with self._sessions.begin() as session:
@@ -475,7 +489,7 @@ def _answer_text(session: Session, question: Question) -> str | None:
 
 
 def _unfinished(
-    question: Question, conversation: Conversation, answer_text: str | None
+    question: Question, conversation: Conversation, answer_text: str | None, media_files: tuple[Path, ...]
 ) -> UnfinishedQuestion:
     scope = ConversationScope(
         cast(Platform, conversation.platform),
@@ -500,6 +514,7 @@ def _unfinished(
         owner=question.owner,
         created_at=_aware(question.created_at),
         answer_text=answer_text,
+        media_files=media_files,
     )
 
 

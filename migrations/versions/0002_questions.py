@@ -31,6 +31,7 @@ def upgrade() -> None:
         sa.Column("text", sa.Text(), nullable=False),
         sa.Column("attachments", sa.JSON(), nullable=False),
         sa.Column("attachments_message_id", sa.BigInteger(), nullable=True),
+        sa.Column("media_paths", sa.JSON(), nullable=False),
         sa.Column("reply_ids", sa.JSON(), nullable=False),
         sa.Column("status", sa.String(length=16), nullable=False),
         sa.Column("owner", sa.String(length=32), nullable=False),

@@ -90,9 +90,9 @@ async def test_a_shutdown_leaves_no_one_waiting_and_the_next_start_answers_into_
             )
         assert bot.service is not None
         assert (await bot.service.stats(ConversationScope("discord", left, guild_id))).turns == 3
-        assert (
-            await bot.service.stats(ConversationScope("discord", right, guild_id))
-        ).images == 1  # fetched again: fresh URL
+        # The picture was downloaded before the shutdown: answered from the stored file, not fetched again.
+        assert (await bot.service.stats(ConversationScope("discord", right, guild_id))).images == 1
+        assert not fake.requests_to("GET", f"/channels/{right}/messages/{questions[1][1]['id']}")
         assert await bot.service.unfinished() == []
 
         # Discord delivers a question again after the restart: it is not answered twice.

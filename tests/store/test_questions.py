@@ -4,9 +4,10 @@ by one process after a restart."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from bot.store import ConversationStore, NewQuestion, NewTurn
-from tests.store.factories import question, scope
+from tests.store.factories import question, scope, write_media
 
 ATTACHMENT = {"url": "https://cdn/x.png?ex=1", "filename": "x.png", "size": 10, "content_type": "image/png"}
 
@@ -102,3 +103,18 @@ async def test_forgetting_nothing_and_resetting_keep_questions_consistent(store:
     assert question_id is not None
     await store.forget(conversation)  # a /reset keeps the pending question: it is still to be answered
     assert [q.id for q in await store.unfinished_questions(not_owner="b")] == [question_id]
+
+
+async def test_the_downloaded_files_come_back_while_all_are_on_disk(
+    store: ConversationStore, media_dir: Path
+) -> None:
+    conversation = await store.conversation_for(scope(11))
+    question_id = await store.accept_question(conversation, asked(), owner="a")
+    assert question_id is not None
+    first, second = write_media(media_dir, 1), write_media(media_dir, 2)
+    await store.note_media(question_id, [first.path, second.path])
+    (unfinished,) = await store.unfinished_questions(not_owner="b")
+    assert unfinished.media_files == (first.path, second.path)
+    second.path.unlink()  # swept meanwhile: the attachments are fetched again instead
+    (unfinished,) = await store.unfinished_questions(not_owner="b")
+    assert unfinished.media_files == ()
