@@ -19,6 +19,7 @@ import logging
 import re
 import time
 import unicodedata
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -32,7 +33,16 @@ from bot.errors import AnswerStopped, EmptyQuestion, QueueFull, StoreError, TooM
 from bot.media import MediaFetcher
 from bot.metrics import Metrics
 from bot.settings import Settings
-from bot.store import ConversationStats, ConversationStore, ForgetResult, NewTurn, PurgeResult
+from bot.store import (
+    ConversationStats,
+    ConversationStore,
+    FinalStatus,
+    ForgetResult,
+    NewQuestion,
+    NewTurn,
+    PurgeResult,
+    UnfinishedQuestion,
+)
 
 log = logging.getLogger("bot.answering")
 
@@ -76,6 +86,7 @@ class Question:
     local_files: tuple[Path, ...] = ()
     discord_message_id: int | None = None
     thread_origin: ThreadOrigin | None = None
+    durable_id: int | None = None  # the kept question (`AnswerService.keep`) its answer completes
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,6 +196,9 @@ class AnswerService:
         self._in_flight: set[tuple[str, int]] = set()
         # sha256 → questions in flight holding that media file (a reset elsewhere must not delete it).
         self._held_media: Counter[str] = Counter()
+        # Names this process as the owner of the questions it keeps: after a restart, the new process
+        # finds the old one's unfinished questions by their other owner.
+        self.instance = uuid.uuid4().hex
 
     async def answer(
         self,
@@ -295,6 +309,8 @@ class AnswerService:
                 listeners.on_queue_position(waiting)
             async with self._conversation_locks.hold(key):
                 media = await downloads
+                if question.durable_id is not None and media:
+                    await self._note_media(question.durable_id, media)
                 await self._pending_write(key)
                 answer = await self._generate_and_record(
                     question, conversation_id, _user_message(question, media), listeners
@@ -310,6 +326,13 @@ class AnswerService:
                 self._release(held)
             else:  # the files stay held until their turn is recorded or given up
                 recording.add_done_callback(lambda _: self._release(held))
+
+    async def _note_media(self, durable_id: int, media: list[StoredMedia]) -> None:
+        """Remember the kept question's downloaded files: a restart answers it from them."""
+        try:
+            await self._store.note_media(durable_id, [item.path for item in media])
+        except StoreError as exc:  # a restart downloads them again
+            log.warning("could not note the media of question %s: %r", durable_id, exc)
 
     async def _hold(self, stored: Awaitable[StoredMedia], held: list[str]) -> StoredMedia:
         """`stored`'s media, marked as used by a question in flight (see `_release`) as soon as it is stored.
@@ -388,7 +411,12 @@ class AnswerService:
         if result.stopped and not has_visible_text(result.text):
             raise AnswerStopped("stopped before any text")
         shown = display_text(result.text) + (STOPPED_NOTE if result.stopped else "")
-        turn = NewTurn(user_message, result.text, question_discord_id=question.discord_message_id)
+        turn = NewTurn(
+            user_message,
+            result.text,
+            question_discord_id=question.discord_message_id,
+            question_id=question.durable_id,
+        )
         try:
             recorded = await self._store.record_turn(conversation_id, turn)
         except StoreError as exc:  # the answer is written: show it, and say if it will not be remembered
@@ -471,6 +499,30 @@ class AnswerService:
                     max_messages=2 * self._settings.history.max_turns,
                 )
         return await self._store.conversation_for(question.scope)
+
+    async def keep(self, question: Question, asked: NewQuestion) -> int | None:
+        """Keep `question` until it is finished, so a restart can answer it again; its durable id, or None
+        when the same message is already answered or kept (a re-delivery: answer nothing)."""
+        conversation_id = await self._conversation_id(question)
+        return await self._store.accept_question(conversation_id, asked, owner=self.instance)
+
+    async def note_reply(self, durable_id: int, discord_message_id: int) -> None:
+        """Remember a Discord message that shows the kept question's answer."""
+        await self._store.note_reply(durable_id, discord_message_id)
+
+    async def finish_kept(self, durable_id: int, status: FinalStatus) -> None:
+        """End a kept question: its answer is shown in full, or it got a sentence instead."""
+        await self._store.finish_question(durable_id, status)
+
+    async def unfinished(self) -> list[UnfinishedQuestion]:
+        """Kept questions that earlier (or other) processes did not finish, oldest first."""
+        return await self._store.unfinished_questions(not_owner=self.instance)
+
+    async def claim(self, unfinished: UnfinishedQuestion) -> bool:
+        """Take over an unfinished question; False when another process took it first."""
+        return await self._store.claim_question(
+            unfinished.id, from_owner=unfinished.owner, owner=self.instance
+        )
 
     async def attach_reply(self, answer: Answer, discord_message_id: int) -> None:
         """Remember which Discord message carries `answer`, so threads started from it find their context

@@ -12,6 +12,7 @@ from typing import Literal
 
 Role = Literal["system", "user", "assistant"]
 MediaKind = Literal["image", "video"]
+Platform = Literal["discord", "cli"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,7 +63,7 @@ class ChatMessage:
 class ConversationScope:
     """Where a conversation lives: a Discord channel, a thread, a DM, or a local `chat` session."""
 
-    platform: Literal["discord", "cli"]
+    platform: Platform
     channel_id: int
     guild_id: int | None = None
     thread_id: int | None = None

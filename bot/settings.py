@@ -40,6 +40,7 @@ class DiscordSettings(_Section):
     sync_commands_on_start: bool = True
     stream_edit_interval_seconds: float = Field(default=1.2, ge=1.0, le=30)  # Discord limits edit rates
     answer_file_after_messages: int = Field(default=3, ge=1, le=10)  # longer answers come as answer.md
+    resume_window_seconds: float = Field(default=600.0, ge=0)  # unfinished questions answered after a restart
     shard_count: int | None = Field(default=None, ge=1)  # None: Discord's recommendation (GET /gateway/bot)
     shard_ids: list[int] | None = None  # the shards this process runs; None: all of them
 

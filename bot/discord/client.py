@@ -8,8 +8,11 @@ answering service. `run_discord` is the entry point of `python -m bot run`; `syn
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
 import signal
+import sys
 from typing import Any
 
 import aiohttp
@@ -25,6 +28,7 @@ from bot.discord.commands import GuardedCommandTree, build_commands
 from bot.discord.delivery import DeliveryTracker
 from bot.discord.limits import UserLimits
 from bot.discord.messages import MessageHandler
+from bot.discord.resuming import resume_unfinished
 from bot.discord.stopping import RunningAnswers, StopButton
 from bot.errors import ConfigError, DiscordUnreachable
 from bot.health import Readiness
@@ -32,6 +36,12 @@ from bot.metrics import Metrics
 from bot.settings import DiscordSettings, LimitSettings, Settings
 
 log = logging.getLogger("bot.discord")
+
+# At shutdown, the last seconds of the grace period edit the replies still unfinished (at most this long).
+FINAL_EDITS_SECONDS = 5.0
+# discord.py's close (gateway close frames, HTTP session) gets this long; a gateway that is down must not
+# hold the exit.
+CLOSE_SECONDS = 5.0
 
 # Model output must never ping anyone; replying to the asker keeps Discord's usual reply notification.
 SAFE_MENTIONS = discord.AllowedMentions(everyone=False, roles=False, users=False, replied_user=True)
@@ -106,6 +116,7 @@ class VisionBot(discord.AutoShardedClient):
         self._limits = UserLimits(limits)
         self._running_answers = RunningAnswers()
         self._messages = MessageHandler(self, self)
+        self._resuming: asyncio.Task[None] | None = None  # answering what an earlier process left unfinished
 
     @property
     def service(self) -> AnswerService:
@@ -188,6 +199,22 @@ class VisionBot(discord.AutoShardedClient):
 
     async def on_ready(self) -> None:
         log.info("connected to Discord; in %d guilds on this process's shards", len(self.guilds))
+        if self._resuming is None:  # on_ready fires again after a re-identify: resume once per process
+            self._resuming = asyncio.create_task(resume_unfinished(self, self), name="resume-unfinished")
+
+    async def shut_down(self, grace: float) -> None:
+        """Stop taking questions, give the answers in progress `grace` seconds (the last few of them to edit
+        the replies still unfinished to a sentence; their questions stay kept for the next start), close."""
+        reserve = min(FINAL_EDITS_SECONDS, grace / 2)
+        if not await self.deliveries.drain(grace - reserve):
+            count = await self.deliveries.interrupt(reserve)
+            log.warning(
+                "%d answers were still running after %.0fs; they are answered after the restart", count, grace
+            )
+        if self._resuming is not None:
+            self._resuming.cancel()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.close(), CLOSE_SECONDS)
 
     async def on_message(self, message: discord.Message) -> None:
         await self._messages.handle(message)
@@ -202,11 +229,19 @@ async def run_discord(
     """
     client = VisionBot(settings.discord, settings.limits, service, metrics=metrics)
     loop = asyncio.get_running_loop()
-    handled = _close_on_signals(loop, client, grace=settings.engine.shutdown_grace_seconds)
+    handled: list[signal.Signals] = []
     try:
         async with client:
             with readiness.watch("gateway", client.readiness):
-                await client.start(token.get_secret_value())
+                connection = asyncio.create_task(client.start(token.get_secret_value()))
+                handled = _close_on_signals(
+                    loop, client, connection, grace=settings.engine.shutdown_grace_seconds
+                )
+                try:
+                    await connection
+                except asyncio.CancelledError:
+                    if not connection.cancelled() or _being_cancelled():
+                        raise  # else the shutdown ended a wait for the gateway (a reconnect backoff)
     except discord.LoginFailure:
         raise ConfigError("Discord rejected the bot token: check DISCORD_TOKEN") from None
     except discord.PrivilegedIntentsRequired:
@@ -220,31 +255,37 @@ async def run_discord(
     log.info("disconnected from Discord")
 
 
+def _being_cancelled() -> bool:
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
 def _close_on_signals(
-    loop: asyncio.AbstractEventLoop, client: VisionBot, *, grace: float
+    loop: asyncio.AbstractEventLoop, client: VisionBot, connection: asyncio.Task[None], *, grace: float
 ) -> list[signal.Signals]:
+    """On the first SIGINT/SIGTERM shut down (`VisionBot.shut_down`), then end `connection`, which may be
+    waiting out discord.py's reconnect backoff; on the second, exit at once."""
     closing: set[asyncio.Task[None]] = set()
 
-    async def drain_and_close() -> None:
-        # Answers in progress finish (and their placeholders become answers) before the connection closes.
-        if not await client.deliveries.drain(grace):
-            active = client.deliveries.active
-            log.warning("%d answers were still running after %.0fs; closing anyway", active, grace)
-        await client.close()
+    async def shut_down() -> None:
+        await client.shut_down(grace)
+        connection.cancel()
 
     def request_close(sig: signal.Signals) -> None:
-        if closing:  # a second signal: stop waiting for the answers in progress
-            log.info("received %s again; closing the Discord connection now", sig.name)
-            task = loop.create_task(client.close())
-        else:
-            log.info(
-                "received %s; finishing %d answers in progress, then closing the Discord connection",
-                sig.name,
-                client.deliveries.active,
-            )
-            task = loop.create_task(drain_and_close())
+        if closing:
+            # Exiting at once is safe: every unfinished question is kept, and answered at the next start.
+            log.warning("received %s again; exiting now", sig.name)
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            sys.stdout.flush()
+            os._exit(128 + sig.value)
+        log.info(
+            "received %s; finishing %d answers in progress, then closing the Discord connection",
+            sig.name,
+            client.deliveries.active,
+        )
+        task = loop.create_task(shut_down())
         closing.add(task)
-        task.add_done_callback(closing.discard)
 
     handled = []
     for sig in (signal.SIGINT, signal.SIGTERM):

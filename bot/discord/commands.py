@@ -11,6 +11,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
+from dataclasses import asdict
 from typing import cast
 
 import discord
@@ -23,6 +24,7 @@ from bot.discord.delivery import GENERIC_FAILURE, Serving, deliver, thread_origi
 from bot.discord.replies import InteractionTarget, StreamingReply, token_usable
 from bot.discord.triggers import attachment_refs, scope_of
 from bot.errors import BotError, UserLimited
+from bot.store import NewQuestion
 
 log = logging.getLogger("bot.discord.commands")
 
@@ -136,12 +138,23 @@ async def _deliver_answer(
             await reply.finish("")
             await _fail(interaction, message, ephemeral_deferral=False)
 
+        # Kept so that a restart can tell the asker to ask again: its interaction token dies with the process.
+        keep = NewQuestion(
+            discord_message_id=interaction.id,
+            kind="command",
+            channel_id=scope.thread_id if scope.thread_id is not None else scope.channel_id,
+            reply_channel_id=scope.thread_id if scope.thread_id is not None else scope.channel_id,
+            asker_id=interaction.user.id,
+            text=text,
+            attachments=tuple(asdict(ref) for ref in question.attachments),
+        )
         await deliver(
             bot,
             question,
             InteractionTarget(interaction, _messageable(interaction)),
             asker_id=interaction.user.id,
             present_error=present_error,
+            keep=keep,
         )
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import OrderedDict
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import discord
 
@@ -27,6 +27,7 @@ from bot.discord.triggers import (
     trigger_of,
 )
 from bot.errors import InputError, UserLimited
+from bot.store import NewQuestion
 
 log = logging.getLogger("bot.discord.messages")
 
@@ -98,10 +99,16 @@ class MessageHandler:
             except UserLimited as refusal:
                 await self._tell_limited(message, refusal)
                 return
-            await self._answer(message, question, channel)
+            source = message if message.attachments or referenced is None else referenced
+            await self._answer(message, question, channel, attachments_message_id=source.id)
 
     async def _answer(
-        self, message: discord.Message, question: Question, channel: discord.abc.Messageable
+        self,
+        message: discord.Message,
+        question: Question,
+        channel: discord.abc.Messageable,
+        *,
+        attachments_message_id: int,
     ) -> None:
         """Answer `question` as a reply to `message` (or in a new thread, if configured)."""
         scope = question.scope
@@ -117,12 +124,23 @@ class MessageHandler:
                 )
                 scope = question.scope
         log.info("question %s from user %s in %s", message.id, message.author.id, scope.key)
+        keep = NewQuestion(
+            discord_message_id=message.id,
+            kind="message",
+            channel_id=message.channel.id,
+            reply_channel_id=scope.thread_id if scope.thread_id is not None else scope.channel_id,
+            asker_id=message.author.id,
+            text=question.text,
+            attachments=tuple(asdict(ref) for ref in question.attachments),
+            attachments_message_id=attachments_message_id if question.attachments else None,
+        )
         await deliver(
             self._bot,
             question,
             ChannelTarget(reply_channel, reference),
             asker_id=message.author.id,
             typing_in=reply_channel,
+            keep=keep,
         )
 
     async def _tell_limited(self, message: discord.Message, refusal: UserLimited) -> None:

@@ -6,8 +6,13 @@ pump task does all the HTTP work, at most one round of intermediate edits per `i
 arrive in between are merged into the next round, so a long answer costs a handful of edits, never one per
 token. The final round goes out as soon as the answer ends (discord.py's rate limiter still waits when
 Discord's bucket is empty), so nobody waits out an interval for the last words.
-A refusal that a retry cannot fix (401, 403, 404) ends the reply's updates: Discord bans an IP that sends
-too many invalid requests, and each round would repeat the refused one.
+A refusal that a retry cannot fix (401, 403, 404), or a connection that is gone (discord.py's session
+closed at shutdown), ends the reply's updates: Discord bans an IP that sends too many invalid requests, and
+each round would repeat the refused one.
+
+A reply can continue messages an earlier process created (`existing`), and each message it sends carries a
+nonce derived from its question (`nonce`): Discord returns the message already sent with that nonce instead
+of a second one, so a reply sent just before a crash, whose id was not noted, is found again.
 """
 
 from __future__ import annotations
@@ -16,10 +21,12 @@ import asyncio
 import contextlib
 import io
 import logging
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+import aiohttp
 import discord
 
 from bot.discord.chunking import ANSWER_FILE_NAME, AnswerLayout, layout_answer
@@ -30,6 +37,9 @@ log = logging.getLogger("bot.discord.replies")
 TOKEN_SAFETY_MARGIN = timedelta(seconds=30)
 # Bad token, missing permission, message or channel gone: retrying the same request cannot succeed.
 _FINAL_REFUSALS = frozenset({401, 403, 404})
+# No connection to send on: aiohttp's errors, and the RuntimeError("Session is closed") a request meets once
+# discord.py has closed its session (shutdown). Later rounds would fail the same way.
+CONNECTION_GONE = (aiohttp.ClientError, ConnectionError, RuntimeError)
 ANSWERING_NOW = "✍️ Answering now…"
 _HasPartialMessages = (
     discord.TextChannel
@@ -57,7 +67,8 @@ KEEP_VIEW: Any = discord.utils.MISSING
 
 class ReplyTarget(Protocol):
     """Where an answer's messages go; `file` is attached to a message (replacing its attachments) and `view`
-    gives it components (the first message's Stop button)."""
+    gives it components (the first message's Stop button); a `nonce` makes a repeated send return the
+    message sent first (where the target supports it)."""
 
     async def send(
         self,
@@ -66,7 +77,12 @@ class ReplyTarget(Protocol):
         first: bool,
         file: discord.File | None = None,
         view: discord.ui.View | None = None,
+        nonce: str | None = None,
     ) -> discord.Message: ...
+
+    async def fetch(self, message_id: int) -> discord.Message | None:
+        """A message sent earlier (by an earlier process), or None when it is gone or unreachable."""
+        ...
 
     async def edit(
         self,
@@ -83,7 +99,9 @@ class ReplyTarget(Protocol):
 class ChannelTarget:
     """Messages in a channel; the first one replies to `reference` (the user's message) when given."""
 
-    def __init__(self, channel: discord.abc.Messageable, reference: discord.Message | None = None) -> None:
+    def __init__(
+        self, channel: discord.abc.Messageable, reference: discord.PartialMessage | None = None
+    ) -> None:
         self._channel = channel
         self._reference = reference
 
@@ -94,12 +112,19 @@ class ChannelTarget:
         first: bool,
         file: discord.File | None = None,
         view: discord.ui.View | None = None,
+        nonce: str | None = None,
     ) -> discord.Message:
         files = _attachments(file)
+        sent_nonce: Any = nonce if nonce is not None else discord.utils.MISSING
         if first and self._reference is not None:
             reference = self._reference.to_reference(fail_if_not_exists=False)
-            return await self._channel.send(content, reference=reference, files=files, view=_sent(view))
-        return await self._channel.send(content, files=files, view=_sent(view))
+            return await self._channel.send(
+                content, reference=reference, files=files, view=_sent(view), nonce=sent_nonce
+            )
+        return await self._channel.send(content, files=files, view=_sent(view), nonce=sent_nonce)
+
+    async def fetch(self, message_id: int) -> discord.Message | None:
+        return await fetch_message(self._channel, message_id)
 
     async def edit(
         self,
@@ -137,6 +162,7 @@ class InteractionTarget:
         first: bool,
         file: discord.File | None = None,
         view: discord.ui.View | None = None,
+        nonce: str | None = None,
     ) -> discord.Message:
         if self._token_usable():
             if first:
@@ -150,7 +176,11 @@ class InteractionTarget:
             )
         assert self._channel is not None
         log.info("interaction %s expired; answering with a normal message", self._interaction.id)
-        return await self._channel.send(content, files=_attachments(file), view=_sent(view))
+        sent_nonce: Any = nonce if nonce is not None else discord.utils.MISSING
+        return await self._channel.send(content, files=_attachments(file), view=_sent(view), nonce=sent_nonce)
+
+    async def fetch(self, message_id: int) -> discord.Message | None:
+        return await fetch_message(self._channel, message_id) if self._channel is not None else None
 
     async def edit(
         self,
@@ -179,6 +209,19 @@ class InteractionTarget:
         return channel.get_partial_message(message.id)
 
 
+async def fetch_message(channel: discord.abc.Messageable, message_id: int) -> discord.Message | None:
+    """`channel`'s message `message_id`, or None (logged) when it is gone or cannot be fetched."""
+    try:
+        return await channel.fetch_message(message_id)
+    except discord.NotFound:
+        return None
+    except discord.HTTPException as exc:
+        log.warning("could not fetch message %s (HTTP %s)", message_id, exc.status)
+    except CONNECTION_GONE as exc:
+        log.warning("could not fetch message %s: %r", message_id, exc)
+    return None
+
+
 def _sent(view: discord.ui.View | None) -> discord.ui.View:
     """A send's `view`: the components, or nothing (discord.py's sends take no None)."""
     return view if view is not None else discord.utils.MISSING
@@ -194,7 +237,9 @@ class StreamingReply:
 
     An answer longer than `max_messages` messages (or with a code block too long for one) shows as a
     preview, and its final round attaches the whole text as `answer.md` (see `layout_answer`). `controls`
-    (the Stop button) show on the first message until the final round.
+    (the Stop button) show on the first message until the final round. `existing` messages (an earlier
+    process's reply to the same question) are edited rather than sent again; `on_sent` hears of each new
+    message; the n-th message is sent with the nonce `f"{nonce}.{n}"` when `nonce` is given.
     """
 
     def __init__(
@@ -204,18 +249,23 @@ class StreamingReply:
         interval: float,
         max_messages: int,
         controls: discord.ui.View | None = None,
+        existing: Sequence[discord.Message] = (),
+        on_sent: Callable[[discord.Message], Awaitable[None]] | None = None,
+        nonce: str | None = None,
     ) -> None:
         self._target = target
         self._interval = interval
         self._max_messages = max_messages
         self._controls = controls
-        self._controls_shown = False
+        self._controls_shown = bool(existing)  # an earlier process's Stop button may still show
+        self._on_sent = on_sent
+        self._nonce = nonce
         self._text = ""
         self._status: str | None = None
         self._final = False
         self._refused = False
-        self._messages: list[discord.Message] = []
-        self._shown: list[str] = []
+        self._messages: list[discord.Message] = list(existing)
+        self._shown: list[str] = [message.content for message in existing]
         self._wake = asyncio.Event()
         self._finished = asyncio.Event()  # set by finish(): the pending round is the final one
         self._next_round = 0.0
@@ -270,6 +320,16 @@ class StreamingReply:
             await self._render(final=True)
         return self.messages
 
+    async def interrupt(self, text: str) -> None:
+        """End the reply at once with `text` as its final state (at shutdown, its answer cancelled)."""
+        if self._pump_task is not None and not self._pump_task.done():
+            self._pump_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._pump_task
+        self._text, self._final = text, True
+        if not self._refused:
+            await self._render(final=True)
+
     def _poke(self) -> None:
         if self._pump_task is None:
             self._pump_task = asyncio.get_running_loop().create_task(self._pump())
@@ -308,10 +368,15 @@ class StreamingReply:
                         self._controls_shown = self._controls_shown and not remove_controls
                 else:
                     view = self._controls if index == 0 and not final else None
-                    message = await self._target.send(content, first=index == 0, file=file, view=view)
+                    nonce = f"{self._nonce}.{index}" if self._nonce is not None else None
+                    message = await self._target.send(
+                        content, first=index == 0, file=file, view=view, nonce=nonce
+                    )
                     self._messages.append(message)
                     self._shown.append(content)
                     self._controls_shown = self._controls_shown or view is not None
+                    if self._on_sent is not None:
+                        await self._on_sent(message)
             if final:
                 while len(self._messages) > len(wanted):
                     await self._target.delete(self._messages[-1])
@@ -323,6 +388,9 @@ class StreamingReply:
                 return
             # Anything else must not kill the stream: the next round (or the final one) tries again.
             log.warning("could not update a reply (HTTP %s): %s", exc.status, exc.text)
+        except CONNECTION_GONE as exc:
+            self._refused = True
+            log.warning("could not update a reply, the connection to Discord is gone: %r", exc)
 
 
 def _answer_file(text: str | None) -> discord.File | None:

@@ -2,14 +2,28 @@
 
 from bot.store.conversation_store import ConversationStore
 from bot.store.database import upgrade
-from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
+from bot.store.results import (
+    ConversationStats,
+    FinalStatus,
+    ForgetResult,
+    NewQuestion,
+    NewTurn,
+    PurgeResult,
+    QuestionKind,
+    RecordedTurn,
+    UnfinishedQuestion,
+)
 
 __all__ = [
     "ConversationStats",
     "ConversationStore",
+    "FinalStatus",
     "ForgetResult",
+    "NewQuestion",
     "NewTurn",
     "PurgeResult",
+    "QuestionKind",
     "RecordedTurn",
+    "UnfinishedQuestion",
     "upgrade",
 ]

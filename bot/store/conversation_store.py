@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from pathlib import Path
@@ -27,7 +27,16 @@ from bot.content import ChatMessage, ConversationScope
 from bot.errors import StoreError
 from bot.metrics import Metrics
 from bot.store.database import create_engine_for, is_transient
-from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
+from bot.store.results import (
+    ConversationStats,
+    FinalStatus,
+    ForgetResult,
+    NewQuestion,
+    NewTurn,
+    PurgeResult,
+    RecordedTurn,
+    UnfinishedQuestion,
+)
 from bot.store.sync_store import SyncStore
 
 T = TypeVar("T")
@@ -149,6 +158,36 @@ class ConversationStore:
                 if not exc.transient or loop.time() >= deadline:
                     raise
             delay = min(2 * delay, MAX_RETRY_DELAY_SECONDS)
+
+    async def accept_question(self, conversation_id: int, question: NewQuestion, *, owner: str) -> int | None:
+        """Keep `question` as pending, answered by `owner` (a process); its id, or None when the same Discord
+        message is already recorded or kept (a re-delivery: answer nothing)."""
+        return await self._run(lambda store: store.accept_question(conversation_id, question, owner))
+
+    async def note_reply(self, question_id: int, discord_message_id: int) -> None:
+        """Remember a Discord message showing the answer (a restart edits it rather than adding one)."""
+        await self._run(lambda store: store.note_reply(question_id, discord_message_id))
+
+    async def note_media(self, question_id: int, paths: Sequence[Path]) -> None:
+        """Remember where the question's attachments are stored: a restart need not download them again."""
+        await self._run(lambda store: store.note_media(question_id, paths))
+
+    async def finish_question(self, question_id: int, status: FinalStatus) -> None:
+        """End a kept question: an answered one once its answer is shown in full (`shown`), a pending one
+        refused with a sentence (`failed`) or given up after a restart (`expired`).
+
+        A question is marked answered by `record_turn` (`NewTurn.question_id`), in the turn's transaction.
+        """
+        await self._run(lambda store: store.finish_question(question_id, status))
+
+    async def unfinished_questions(self, *, not_owner: str) -> list[UnfinishedQuestion]:
+        """Questions another (earlier or other) process owns and did not finish, oldest first: pending ones,
+        and answered ones whose answer was not shown in full (with `answer_text`)."""
+        return await self._run(lambda store: store.unfinished_questions(not_owner))
+
+    async def claim_question(self, question_id: int, *, from_owner: str, owner: str) -> bool:
+        """Make `owner` answer a pending question `from_owner` owned; False if it is no longer theirs."""
+        return await self._run(lambda store: store.claim_question(question_id, from_owner, owner))
 
     async def set_answer_discord_id(self, assistant_message_id: int, discord_message_id: int) -> bool:
         """Attach the Discord id of a sent answer; False when the message is gone (forgotten meanwhile)."""

@@ -6,6 +6,10 @@ runs autogenerate's comparison). Every type is portable: the same schema runs on
 A message's content is a JSON list of parts, in order: `{"type": "text", "text": ...}` or
 `{"type": "media", "sha256": ...}`. `message_media` links each message to the media rows it uses, so
 "is this file still referenced?" is one indexed query instead of a scan of JSON.
+
+`questions` holds each question from the moment it is accepted until it is finished (answered, or told
+why not), with what is needed to answer it again after a restart; its row is completed in the same
+transaction that records the answer.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from sqlalchemy import (
     Integer,
     MetaData,
     String,
+    Text,
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -111,3 +116,34 @@ class MessageMedia(Base):
     media_id: Mapped[int] = mapped_column(
         ForeignKey("media.id", ondelete="RESTRICT"), primary_key=True, index=True
     )
+
+
+class Question(Base):
+    """A question accepted on Discord: `pending` until its answer is recorded (`answered`, in the turn's
+    transaction) and then shown in full (`shown`), or until it is refused with a sentence (`failed`) or given
+    up after a restart (`expired`). `owner` names the process answering it; `reply_ids` are the Discord
+    messages showing its answer, in order, as they are created."""
+
+    __tablename__ = "questions"
+    __table_args__ = (
+        UniqueConstraint("conversation_id", "discord_message_id"),
+        CheckConstraint("status IN ('pending', 'answered', 'shown', 'failed', 'expired')", name="status"),
+        CheckConstraint("kind IN ('message', 'command')", name="kind"),
+        Index("ix_questions_status_created_at", "status", "created_at"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    conversation_id: Mapped[int] = mapped_column(ForeignKey("conversations.id", ondelete="CASCADE"))
+    discord_message_id: Mapped[int] = mapped_column(BigInteger)
+    kind: Mapped[str] = mapped_column(String(16))
+    channel_id: Mapped[int] = mapped_column(BigInteger)  # where the question was asked
+    reply_channel_id: Mapped[int] = mapped_column(BigInteger)  # where its answer goes (maybe a new thread)
+    asker_id: Mapped[int] = mapped_column(BigInteger)
+    text: Mapped[str] = mapped_column(Text)
+    attachments: Mapped[list[dict[str, str | int | None]]] = mapped_column(JSON)
+    attachments_message_id: Mapped[int | None] = mapped_column(BigInteger)  # the message carrying them
+    media_paths: Mapped[list[str]] = mapped_column(JSON)  # their files once downloaded, under the media dir
+    reply_ids: Mapped[list[int]] = mapped_column(JSON)
+    status: Mapped[str] = mapped_column(String(16))
+    owner: Mapped[str] = mapped_column(String(32))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
 
-from bot.content import ChatMessage
+from bot.content import ChatMessage, ConversationScope
+
+QuestionKind = Literal["message", "command"]
+FinalStatus = Literal["shown", "failed", "expired"]  # "answered" is written only by `record_turn`
 
 
 @dataclass(frozen=True, slots=True)
@@ -15,6 +21,39 @@ class NewTurn:
     answer_text: str
     question_discord_id: int | None = None  # a repeated id records nothing: Discord may deliver twice
     answer_discord_id: int | None = None
+    question_id: int | None = None  # the durable question this answers: completed in the same transaction
+
+
+@dataclass(frozen=True, slots=True)
+class NewQuestion:
+    """A question to keep until it is finished (`ConversationStore.accept_question`).
+
+    `attachments` are the announced attachments (url, filename, size, content_type) of the message
+    `attachments_message_id`, which is fetched again for fresh URLs when the question is answered again.
+    """
+
+    discord_message_id: int
+    kind: QuestionKind
+    channel_id: int  # where it was asked
+    reply_channel_id: int  # where the answer goes: the same channel, or a thread opened for it
+    asker_id: int
+    text: str
+    attachments: tuple[dict[str, str | int | None], ...] = ()
+    attachments_message_id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class UnfinishedQuestion:
+    """A pending question as stored, with its conversation's scope and the reply messages made so far."""
+
+    id: int
+    scope: ConversationScope
+    question: NewQuestion
+    reply_ids: tuple[int, ...]
+    owner: str
+    created_at: datetime
+    answer_text: str | None = None  # recorded, not yet shown in full: show this rather than answer again
+    media_files: tuple[Path, ...] = ()  # its attachments as downloaded, when every file is still on disk
 
 
 @dataclass(frozen=True, slots=True)

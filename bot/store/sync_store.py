@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -17,13 +17,23 @@ from sqlalchemy import CursorResult, Delete, Engine, Update, delete, exists, fun
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
-from bot.content import ChatMessage, ConversationScope, MediaKind, Role, StoredMedia, TextPart
+from bot.content import ChatMessage, ConversationScope, MediaKind, Platform, Role, StoredMedia, TextPart
 from bot.media.storage import content_digest
 from bot.store.database import lock_wait
-from bot.store.models import Conversation, Media, Message, MessageMedia, utcnow
+from bot.store.models import Conversation, Media, Message, MessageMedia, Question, utcnow
 from bot.store.orphans import sweep_orphan_files
 from bot.store.parts import decode_parts, encode_parts, media_hashes
-from bot.store.results import ConversationStats, ForgetResult, NewTurn, PurgeResult, RecordedTurn
+from bot.store.results import (
+    ConversationStats,
+    FinalStatus,
+    ForgetResult,
+    NewQuestion,
+    NewTurn,
+    PurgeResult,
+    QuestionKind,
+    RecordedTurn,
+    UnfinishedQuestion,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,6 +111,7 @@ class SyncStore:
         while True:
             try:
                 with self._sessions.begin() as session, lock_wait(session, lock_wait_ms):
+                    _complete_question(session, turn.question_id)
                     if question_discord_id is not None:
                         existing = _recorded_turn(session, conversation_id, question_discord_id)
                         if existing is not None:
@@ -147,6 +158,92 @@ class SyncStore:
         _link_media(session, user.id, media_ids)
         conversation.updated_at = now
         return RecordedTurn(user.id, assistant.id)
+
+    # -- durable questions ---------------------------------------------------------------------------------
+
+    def accept_question(self, conversation_id: int, new: NewQuestion, owner: str) -> int | None:
+        """Keep `new` as pending for `owner`; None when that Discord message is already recorded as a turn
+        or already kept (answered, refused, or pending in some process): a re-delivery, to be ignored."""
+        try:
+            with self._sessions.begin() as session:
+                if _recorded_turn(session, conversation_id, new.discord_message_id) is not None:
+                    return None
+                if _question_id(session, conversation_id, new.discord_message_id) is not None:
+                    return None
+                row = Question(
+                    conversation_id=conversation_id,
+                    discord_message_id=new.discord_message_id,
+                    kind=new.kind,
+                    channel_id=new.channel_id,
+                    reply_channel_id=new.reply_channel_id,
+                    asker_id=new.asker_id,
+                    text=new.text,
+                    attachments=[dict(ref) for ref in new.attachments],
+                    attachments_message_id=new.attachments_message_id,
+                    media_paths=[],
+                    reply_ids=[],
+                    status="pending",
+                    owner=owner,
+                )
+                session.add(row)
+                session.flush()
+                return row.id
+        except IntegrityError:  # another process kept the same question first
+            return None
+
+    def note_reply(self, question_id: int, discord_id: int) -> None:
+        with self._sessions.begin() as session:
+            row = session.get(Question, question_id)
+            if row is not None and discord_id not in row.reply_ids:
+                row.reply_ids = [*row.reply_ids, discord_id]
+
+    def note_media(self, question_id: int, paths: Sequence[Path]) -> None:
+        with self._sessions.begin() as session:
+            row = session.get(Question, question_id)
+            if row is not None:
+                row.media_paths = [self._relative_path(path) for path in paths]
+
+    def finish_question(self, question_id: int, status: FinalStatus) -> None:
+        before = "answered" if status == "shown" else "pending"
+        with self._sessions.begin() as session:
+            session.execute(
+                update(Question)
+                .where(Question.id == question_id, Question.status == before)
+                .values(status=status)
+            )
+
+    def unfinished_questions(self, not_owner: str) -> list[UnfinishedQuestion]:
+        with self._sessions() as session:
+            rows = session.execute(
+                select(Question, Conversation)
+                .join(Conversation, Conversation.id == Question.conversation_id)
+                .where(Question.status.in_(("pending", "answered")), Question.owner != not_owner)
+                .order_by(Question.created_at, Question.id)
+            ).all()
+            return [
+                _unfinished(
+                    question, conversation, _answer_text(session, question), self._media_files(question)
+                )
+                for question, conversation in rows
+            ]
+
+    def claim_question(self, question_id: int, from_owner: str, owner: str) -> bool:
+        with self._sessions.begin() as session:
+            statement = (
+                update(Question)
+                .where(
+                    Question.id == question_id,
+                    Question.status.in_(("pending", "answered")),
+                    Question.owner == from_owner,
+                )
+                .values(owner=owner)
+            )
+            return _rowcount(session, statement) > 0
+
+    def _media_files(self, question: Question) -> tuple[Path, ...]:
+        """The question's downloaded files, or none unless every one is still on disk."""
+        paths = tuple(self._media_dir / relative for relative in question.media_paths)
+        return paths if all(path.is_file() for path in paths) else ()
 
     def set_answer_discord_id(self, assistant_message_id: int, discord_id: int) -> bool:
         with self._sessions.begin() as session:
@@ -199,6 +296,11 @@ class SyncStore:
                 old_ids = select(Message.id).where(Message.created_at < cutoff)
                 session.execute(delete(MessageMedia).where(MessageMedia.message_id.in_(old_ids)))
                 deleted = _rowcount(session, delete(Message).where(Message.created_at < cutoff))
+                session.execute(
+                    delete(Question).where(
+                        Question.created_at < cutoff, Question.status.not_in(("pending", "answered"))
+                    )
+                )
             paths = _delete_orphan_media(session, None)
         self._unlink(paths, keep_files)
         orphans = sweep_orphan_files(self._media_root, self._referenced_paths, orphan_grace)
@@ -355,6 +457,70 @@ def _recorded_turn(session: Session, conversation_id: int, question_discord_id: 
         )
     )
     return RecordedTurn(question.id, answer_id if answer_id is not None else question.id, duplicate=True)
+
+
+def _question_id(session: Session, conversation_id: int, discord_id: int) -> int | None:
+    return session.scalar(
+        select(Question.id).where(
+            Question.conversation_id == conversation_id, Question.discord_message_id == discord_id
+        )
+    )
+
+
+def _complete_question(session: Session, question_id: int | None) -> None:
+    """Mark the durable question answered (in the transaction that records its turn)."""
+    if question_id is not None:
+        session.execute(
+            update(Question)
+            .where(Question.id == question_id, Question.status == "pending")
+            .values(status="answered")
+        )
+
+
+def _answer_text(session: Session, question: Question) -> str | None:
+    """The recorded answer of an `answered` question (None for a pending one)."""
+    if question.status != "answered":
+        return None
+    turn = _recorded_turn(session, question.conversation_id, question.discord_message_id)
+    answer = session.get(Message, turn.assistant_message_id) if turn is not None else None
+    if answer is None or answer.role != "assistant":
+        return ""  # forgotten meanwhile (a /reset): nothing left to show
+    return "".join(part["text"] for part in answer.content if part["type"] == "text")
+
+
+def _unfinished(
+    question: Question, conversation: Conversation, answer_text: str | None, media_files: tuple[Path, ...]
+) -> UnfinishedQuestion:
+    scope = ConversationScope(
+        cast(Platform, conversation.platform),
+        conversation.channel_id,
+        conversation.guild_id,
+        conversation.thread_id,
+    )
+    return UnfinishedQuestion(
+        id=question.id,
+        scope=scope,
+        question=NewQuestion(
+            discord_message_id=question.discord_message_id,
+            kind=cast(QuestionKind, question.kind),
+            channel_id=question.channel_id,
+            reply_channel_id=question.reply_channel_id,
+            asker_id=question.asker_id,
+            text=question.text,
+            attachments=tuple(question.attachments),
+            attachments_message_id=question.attachments_message_id,
+        ),
+        reply_ids=tuple(question.reply_ids),
+        owner=question.owner,
+        created_at=_aware(question.created_at),
+        answer_text=answer_text,
+        media_files=media_files,
+    )
+
+
+def _aware(moment: datetime) -> datetime:
+    """`moment` as UTC-aware (SQLite hands back the naive UTC time it stored)."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def _next_position(session: Session, conversation_id: int) -> int:

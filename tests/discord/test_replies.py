@@ -19,6 +19,7 @@ MAX_MESSAGES = 3
 @dataclass
 class _Sent:
     id: int
+    content: str = ""
 
 
 @dataclass
@@ -30,6 +31,7 @@ class _RecordingTarget:
     contents: dict[int, str] = field(default_factory=dict)
     files: dict[int, tuple[str, str]] = field(default_factory=dict)  # message id -> (file name, text)
     views: dict[int, discord.ui.View] = field(default_factory=dict)  # message id -> components shown
+    nonces: list[str] = field(default_factory=list)
     _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
 
     def _attach(self, message_id: int, file: discord.File | None) -> None:
@@ -46,7 +48,10 @@ class _RecordingTarget:
         first: bool,
         file: discord.File | None = None,
         view: discord.ui.View | None = None,
+        nonce: str | None = None,
     ) -> _Sent:
+        if nonce is not None:
+            self.nonces.append(nonce)
         message = _Sent(next(self._ids))
         self.contents[message.id] = content
         self._attach(message.id, file)
@@ -72,6 +77,9 @@ class _RecordingTarget:
     async def delete(self, message: _Sent) -> None:
         del self.contents[message.id]
         self._record("delete", message.id, "")
+
+    async def fetch(self, message_id: int) -> _Sent | None:
+        return _Sent(message_id, self.contents[message_id]) if message_id in self.contents else None
 
 
 class _FakeResponse:
@@ -262,6 +270,7 @@ class _RefusingTarget(_RecordingTarget):
         first: bool,
         file: discord.File | None = None,
         view: discord.ui.View | None = None,
+        nonce: str | None = None,
     ) -> _Sent:
         self.attempts += 1
         response = _FakeResponse()
@@ -302,3 +311,42 @@ async def test_an_edit_of_a_deleted_reply_is_not_retried_every_round() -> None:
             await asyncio.sleep(INTERVAL * 1.5)
         await reply.finish("first second third fourth")
     assert [op[1] for op in target.ops] == ["send-first", "edit-404"]
+
+
+async def test_a_reply_continues_an_earlier_processes_messages_and_notes_new_ones() -> None:
+    target = _RecordingTarget()
+    frozen = await target.send("half an ans", first=True)
+    sent: list[int] = []
+
+    async def on_sent(message: Any) -> None:
+        sent.append(message.id)
+
+    existing = [await target.fetch(frozen.id)]
+    async with StreamingReply(
+        target, interval=INTERVAL, max_messages=MAX_MESSAGES, existing=existing, on_sent=on_sent, nonce="77"
+    ) as reply:
+        messages = await reply.finish("a whole answer\n\n" + "x" * 2500)
+    assert messages[0].id == frozen.id and target.contents[frozen.id].startswith("a whole answer")
+    assert len(messages) == 2 and sent == [messages[1].id] and target.nonces == ["77.1"]
+
+
+async def test_a_closed_session_ends_the_updates_without_escaping() -> None:
+    class _ClosedTarget(_RecordingTarget):
+        async def edit(self, message: _Sent, content: str, **options: Any) -> None:
+            raise RuntimeError("Session is closed")
+
+    target = _ClosedTarget()
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
+        reply.on_text("first words")
+        await asyncio.sleep(INTERVAL * 2)
+        await reply.finish("first words and the rest")  # the edit fails; nothing escapes
+    assert list(target.contents.values()) == ["first words"]
+
+
+async def test_interrupting_a_streaming_reply_leaves_its_sentence() -> None:
+    target = _RecordingTarget()
+    async with StreamingReply(target, interval=INTERVAL, max_messages=MAX_MESSAGES) as reply:
+        reply.on_text("half of it")
+        await asyncio.sleep(INTERVAL * 2)
+        await reply.interrupt("I'll be back.")
+    assert list(target.contents.values()) == ["I'll be back."]

@@ -61,6 +61,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    terminated = False  # a second SIGTERM would make it exit at once
     try:
         await fake.wait_connected(timeout=120)
         await fake.wait_for_request(lambda request: request.method == "PUT", timeout=30)  # commands synced
@@ -79,6 +80,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         # Stopped while that answer waits for its image: it is still delivered before the bot disconnects,
         # and a question arriving meanwhile is told to come back.
         process.send_signal(signal.SIGTERM)
+        terminated = True
         await asyncio.sleep(0.5)
         await fake.send_message(channel, alice, f"{fake.bot.mention} still there?")
         told = await fake.wait_for_message(channel, lambda m: m["content"] == EngineStopped.user_message)
@@ -90,7 +92,7 @@ async def test_run_command_connects_answers_and_stops_cleanly(tiny_model_dir: Pa
         assert reply["content"].strip() and told["id"] != reply["id"]
         assert (tmp_path / "data" / "bot.sqlite3").is_file()
     finally:
-        if process.returncode is None:
+        if process.returncode is None and not terminated:
             process.send_signal(signal.SIGTERM)
         output, _ = await asyncio.wait_for(process.communicate(), timeout=60)
         await fake.close()
@@ -187,3 +189,75 @@ async def test_an_unreachable_discord_is_one_sentence(tmp_path: Path) -> None:
         assert status == 1, output
         assert len(errors) == 1 and f"cannot reach Discord at http://127.0.0.1:{port}/api/v10" in errors[0]
         assert "Traceback" not in output and "loading model" not in output
+
+
+async def _start_bot(config: Path, log: Path) -> asyncio.subprocess.Process:
+    with log.open("ab") as output:
+        return await asyncio.create_subprocess_exec(
+            *(sys.executable, "-m", "bot", "--config", str(config), "run"),
+            cwd=ROOT,
+            env={**os.environ, "DISCORD_TOKEN": TOKEN},
+            stdout=output,
+            stderr=output,
+        )
+
+
+async def test_a_second_signal_exits_at_once(tiny_model_dir: Path, tmp_path: Path) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    _guild, (channel,), _ = fake.add_guild("Guild", ["general"], ())
+    alice = fake.add_user("alice")
+    await fake.start()
+    config = write_tiny_config(
+        tmp_path / "config.toml",
+        tiny_model_dir,
+        tmp_path / "data",
+        discord={"api_base_url": fake.api_base_url, "sync_commands_on_start": False},
+        media={"allowed_hosts": ["127.0.0.1"]},
+        engine={"shutdown_grace_seconds": 600.0},
+    )
+    log = tmp_path / "bot.log"
+    process = await _start_bot(config, log)
+    try:
+        await fake.wait_connected(timeout=120)
+        data = png_bytes()
+        slow = fake.add_file("cat.png", data, "image/png", delay=15)  # the answer outlasts the test
+        attachment = fake.attachment(slow, "cat.png", len(data), "image/png")
+        await fake.send_message(channel, alice, f"{fake.bot.mention} what is this?", attachments=[attachment])
+        await fake.wait_for_request(lambda request: request.path.endswith(f"/channels/{channel}/typing"))
+        process.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):  # the first signal is handled: the shutdown waits for that answer
+            while "received SIGTERM; finishing 1 answers" not in log.read_text():
+                await asyncio.sleep(0.1)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        status = await asyncio.wait_for(process.wait(), timeout=60)
+        await fake.close()
+    assert status == 128 + signal.SIGTERM, log.read_text()[-3000:]
+    assert "received SIGTERM again; exiting now" in log.read_text()
+
+
+async def test_a_shutdown_while_discord_is_unreachable_does_not_wait_for_it(
+    tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    fake = FakeDiscord(token=TOKEN)
+    fake.add_guild("Guild", ["general"], ())
+    await fake.start()
+    config = write_tiny_config(
+        tmp_path / "config.toml",
+        tiny_model_dir,
+        tmp_path / "data",
+        discord={"api_base_url": fake.api_base_url, "sync_commands_on_start": False},
+        engine={"shutdown_grace_seconds": 2.0},
+    )
+    log = tmp_path / "bot.log"
+    process = await _start_bot(config, log)
+    try:
+        await fake.wait_connected(timeout=120)
+    finally:
+        await fake.close()  # gateway and REST gone: discord.py backs off and reconnects, up to minutes apart
+    async with asyncio.timeout(60):
+        while "Attempting a reconnect" not in log.read_text():
+            await asyncio.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(process.wait(), timeout=60) == 0, log.read_text()[-3000:]
+    assert "disconnected from Discord" in log.read_text()

@@ -107,6 +107,7 @@ class FakeDiscord:
         self.owner = FakeUser(snowflake(), "owner")
         self.requests: list[RecordedRequest] = []
         self.messages: dict[int, Json] = {}
+        self._nonces: dict[str, int] = {}  # a bot message's nonce (sent with enforce_nonce) -> its id
         self.commands: list[Json] = []
         self.application_flags = payloads.GATEWAY_MESSAGE_CONTENT_LIMITED
         self.identify_payloads: list[Json] = []
@@ -732,7 +733,13 @@ class FakeDiscord:
         body = await self._body(request)
         if len(body.get("content") or "") > 2000:
             return _error(400, "Invalid Form Body: content must be 2000 or fewer in length.", 50035)
-        return _json(self._bot_message(channel_id, body))
+        nonce = str(body["nonce"]) if body.get("enforce_nonce") and body.get("nonce") is not None else None
+        if nonce is not None and self._nonces.get(nonce) in self.messages:  # Discord: the first one, again
+            return _json(self.messages[self._nonces[nonce]])
+        data = self._bot_message(channel_id, body)
+        if nonce is not None:
+            self._nonces[nonce] = int(data["id"])
+        return _json(data)
 
     async def _get_message(self, request: web.Request) -> web.Response:
         message = self.messages.get(int(request.match_info["message_id"]))

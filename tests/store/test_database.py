@@ -21,7 +21,7 @@ from bot.store.models import Base
 from tests.store.backend import postgresql_only, sqlite_only
 
 ROOT = Path(__file__).resolve().parents[2]
-TABLES = {"alembic_version", "conversations", "messages", "media", "message_media"}
+TABLES = {"alembic_version", "conversations", "messages", "media", "message_media", "questions"}
 
 
 def test_upgrade_from_empty_creates_the_schema(database_url: str) -> None:
@@ -50,7 +50,7 @@ def test_upgrade_from_empty_creates_the_schema(database_url: str) -> None:
         link_indexes = {tuple(i["column_names"]) for i in schema.get_indexes("message_media")}
         assert ("media_id",) in link_indexes
         with engine.connect() as connection:
-            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0001"
+            assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar_one() == "0002"
     finally:
         engine.dispose()
 
@@ -72,7 +72,7 @@ def test_second_upgrade_is_a_no_op(database_url: str) -> None:
                 "cli:0:1:1"
             ]
             assert connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [
-                "0001"
+                "0002"
             ]
     finally:
         engine.dispose()
