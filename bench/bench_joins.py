@@ -161,6 +161,8 @@ async def run(args: argparse.Namespace) -> None:
     one_by_one = Timings()
     bare: list[tuple[float, float]] = []
     same_answers = True
+    from tests.discord.harness import UNLIMITED
+
     with model_directory(args) as model_dir, tempfile.TemporaryDirectory(prefix="bench-joins-") as folder:
 
         def settings_for(fake: Any) -> Settings:
@@ -172,7 +174,7 @@ async def run(args: argparse.Namespace) -> None:
                 storage={"data_dir": str(Path(folder) / "bot-data")},
                 media={"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
                 discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
-                limits={"max_in_flight_per_user": 1000, "burst": 1000},  # one user asks everything
+                limits=UNLIMITED,  # one user asks everything
                 engine={"max_batch_size": QUESTIONS},
             )
 
