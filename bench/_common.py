@@ -266,6 +266,40 @@ def inference_server(model_dir: Path, log_path: Path) -> Iterator[InferenceServe
         server.stop()
 
 
+def _with_loopback(fake: FakeDiscord, sections: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """`sections` added to the settings every bot behind the loopback Discord takes: Discord and the CDN on
+    loopback, the minimum edit interval, no per-user limits (one benchmark user asks everything)."""
+    from tests.discord.harness import UNLIMITED
+
+    data: dict[str, dict[str, Any]] = {
+        "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
+        "media": {"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
+        "limits": dict(UNLIMITED),
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return data
+
+
+def local_bot_settings(
+    model_dir: Path,
+    device: str,
+    data_dir: Path,
+    fake: FakeDiscord,
+    *,
+    max_new_tokens: int,
+    **sections: Mapping[str, Any],
+) -> Settings:
+    """The in-process engine on `model_dir` behind the loopback Discord: small images, greedy answers of
+    `max_new_tokens`, storage in `data_dir`; `sections` add to each section."""
+    base = {
+        "vision": {"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28},
+        "generation": {"max_new_tokens": max_new_tokens, "do_sample": False},
+        "storage": {"data_dir": str(data_dir)},
+    }
+    return bench_settings(model_dir, device, **_with_loopback(fake, {**base, **sections}))
+
+
 def server_bot_settings(
     model_dir: Path,
     data_dir: Path,
@@ -274,20 +308,15 @@ def server_bot_settings(
     **sections: Mapping[str, Any],
 ) -> Settings:
     """The tests' tiny settings (tests/tiny_settings.py) on the server backend, straight to `inference`
-    (no proxy), Discord and the CDN on loopback, the minimum edit interval; `sections` add to each section."""
-    from tests.discord.harness import UNLIMITED
+    (no proxy), behind the loopback Discord; `sections` add to each section."""
     from tests.tiny_settings import tiny_settings
 
-    data: dict[str, dict[str, Any]] = {
-        "discord": {"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
-        "media": {"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
+    base = {
         "engine": {"backend": "server"},
         "server": {"base_url": inference.base_url, "model": inference.model},
-        "limits": UNLIMITED,  # one benchmark user asks many questions at once
     }
-    for name, values in sections.items():
-        data[name] = {**data.get(name, {}), **values}
-    return tiny_settings(model_dir, data_dir, **data)
+    merged = {name: {**base.get(name, {}), **values} for name, values in sections.items()}
+    return tiny_settings(model_dir, data_dir, **_with_loopback(fake, {**base, **merged}))
 
 
 @contextlib.asynccontextmanager

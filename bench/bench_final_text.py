@@ -29,12 +29,11 @@ from typing import Any
 
 import torch
 from _common import (
-    LOOPBACK_HOST,
     add_model_args,
     ask_on_discord,
-    bench_settings,
     configure_torch,
     discord_bot,
+    local_bot_settings,
     model_directory,
     print_table,
     write_photo,
@@ -91,14 +90,12 @@ async def run(args: argparse.Namespace) -> None:
         data = image.read_bytes()
 
         def settings_for(fake: Any) -> Settings:
-            return bench_settings(
+            return local_bot_settings(
                 model_dir,
                 args.device,
-                vision={"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28},
-                generation={"max_new_tokens": args.max_new_tokens, "do_sample": False},
-                storage={"data_dir": str(Path(folder) / "bot-data")},
-                media={"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
-                discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
+                Path(folder) / "bot-data",
+                fake,
+                max_new_tokens=args.max_new_tokens,
                 engine={"vision_cache_mb": 0},
             )
 

@@ -37,13 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from _common import (
-    LOOPBACK_HOST,
     add_model_args,
     ask_on_discord,
-    bench_settings,
     configure_torch,
     discord_bot,
     distinct_photos,
+    local_bot_settings,
     model_directory,
     print_table,
     question,
@@ -161,20 +160,15 @@ async def run(args: argparse.Namespace) -> None:
     one_by_one = Timings()
     bare: list[tuple[float, float]] = []
     same_answers = True
-    from tests.discord.harness import UNLIMITED
-
     with model_directory(args) as model_dir, tempfile.TemporaryDirectory(prefix="bench-joins-") as folder:
 
         def settings_for(fake: Any) -> Settings:
-            return bench_settings(
+            return local_bot_settings(
                 model_dir,
                 args.device,
-                vision={"min_pixels": 4 * 28 * 28, "max_pixels": 64 * 28 * 28},
-                generation={"max_new_tokens": args.max_new_tokens, "do_sample": False},
-                storage={"data_dir": str(Path(folder) / "bot-data")},
-                media={"allowed_hosts": [LOOPBACK_HOST], "retries": 0},
-                discord={"api_base_url": fake.api_base_url, "stream_edit_interval_seconds": 1.0},
-                limits=UNLIMITED,  # one user asks everything
+                Path(folder) / "bot-data",
+                fake,
+                max_new_tokens=args.max_new_tokens,
                 engine={"max_batch_size": QUESTIONS},
             )
 
