@@ -24,13 +24,14 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from types import TracebackType
-from typing import Any, Protocol, Self
+from typing import Any, Protocol, Self, TypeVar
 
 import aiohttp
 import discord
 
 from bot.discord.chunking import ANSWER_FILE_NAME, AnswerLayout, layout_answer
 
+_T = TypeVar("_T")
 log = logging.getLogger("bot.discord.replies")
 
 # An interaction token lives 15 minutes; stop using it a little early so a slow request does not straddle it.
@@ -115,13 +116,12 @@ class ChannelTarget:
         nonce: str | None = None,
     ) -> discord.Message:
         files = _attachments(file)
-        sent_nonce: Any = nonce if nonce is not None else discord.utils.MISSING
         if first and self._reference is not None:
             reference = self._reference.to_reference(fail_if_not_exists=False)
             return await self._channel.send(
-                content, reference=reference, files=files, view=_sent(view), nonce=sent_nonce
+                content, reference=reference, files=files, view=_sent(view), nonce=_sent(nonce)
             )
-        return await self._channel.send(content, files=files, view=_sent(view), nonce=sent_nonce)
+        return await self._channel.send(content, files=files, view=_sent(view), nonce=_sent(nonce))
 
     async def fetch(self, message_id: int) -> discord.Message | None:
         return await fetch_message(self._channel, message_id)
@@ -176,8 +176,9 @@ class InteractionTarget:
             )
         assert self._channel is not None
         log.info("interaction %s expired; answering with a normal message", self._interaction.id)
-        sent_nonce: Any = nonce if nonce is not None else discord.utils.MISSING
-        return await self._channel.send(content, files=_attachments(file), view=_sent(view), nonce=sent_nonce)
+        return await self._channel.send(
+            content, files=_attachments(file), view=_sent(view), nonce=_sent(nonce)
+        )
 
     async def fetch(self, message_id: int) -> discord.Message | None:
         return await fetch_message(self._channel, message_id) if self._channel is not None else None
@@ -222,9 +223,9 @@ async def fetch_message(channel: discord.abc.Messageable, message_id: int) -> di
     return None
 
 
-def _sent(view: discord.ui.View | None) -> discord.ui.View:
-    """A send's `view`: the components, or nothing (discord.py's sends take no None)."""
-    return view if view is not None else discord.utils.MISSING
+def _sent(value: _T | None) -> _T:
+    """A send's optional argument (`view`, `nonce`): `value`, or nothing (discord.py's sends take no None)."""
+    return value if value is not None else discord.utils.MISSING
 
 
 def _attachments(file: discord.File | None) -> list[discord.File]:
